@@ -1,0 +1,198 @@
+"""Where the MLP activation of each architecture lives.
+
+The neuron (l, n) is coordinate n of the MLP's intermediate activation in layer l:
+``act_fn(gate_proj(x))[n]`` for gated MLPs and ``act(fc1(x))[n]`` for plain ones. In every
+supported family the activation function is its own ``nn.Module`` per layer, so one forward
+hook on that module sees exactly the activation (recording) and can replace it
+(interventions): zeroing it zeroes the neuron's contribution to the down projection.
+Phi-3's fused ``gate_up_proj`` needs no special case: its ``activation_fn`` is applied to the
+gate half only, so hooking it yields the gate activation.
+
+Adding a family is a table entry (`register_architecture`), or a one-off path template
+(``act_path="model.layers.{i}.mlp.act_fn"``, CLI ``--mlp-act-path``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class MlpArchitecture:
+    """Where one family keeps its layers and, inside a layer, its MLP activation."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers_paths: tuple[str, ...]  # candidates, relative to the top-level model
+    act_path: str  # relative to a layer
+    size_path: str  # relative to a layer; an int attribute giving N
+    activation: str  # documentation: which nonlinearity (all are > 0 iff input > 0)
+
+
+_REGISTRY: dict[str, MlpArchitecture] = {}
+
+
+def register_architecture(arch: MlpArchitecture) -> None:
+    """Teach langneurons a new family (model_type -> where the activation lives)."""
+    for mt in arch.model_types:
+        _REGISTRY[mt] = arch
+
+
+_GATED_LAYERS = ("model.layers", "model.language_model.layers", "language_model.model.layers")
+for _fam, _types, _act in [
+    ("llama", ("llama",), "silu"),
+    ("mistral", ("mistral",), "silu"),
+    ("qwen2", ("qwen2",), "silu"),
+    ("qwen3", ("qwen3",), "silu"),
+    ("gemma", ("gemma",), "gelu"),
+    ("gemma2", ("gemma2",), "gelu-tanh"),
+    ("gemma3", ("gemma3", "gemma3_text"), "gelu-tanh"),
+]:
+    register_architecture(MlpArchitecture(_fam, _types, _GATED_LAYERS, "mlp.act_fn", "mlp.gate_proj.out_features", _act))
+register_architecture(MlpArchitecture("phi3", ("phi3",), ("model.layers",), "mlp.activation_fn",
+                                      "mlp.down_proj.in_features", "silu (gate half of gate_up_proj)"))
+register_architecture(MlpArchitecture("gpt2", ("gpt2",), ("transformer.h",), "mlp.act", "mlp.c_fc.nf", "gelu_new"))
+register_architecture(MlpArchitecture("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "mlp.act",
+                                      "mlp.dense_h_to_4h.out_features", "gelu"))
+register_architecture(MlpArchitecture("bloom", ("bloom",), ("transformer.h",), "mlp.gelu_impl",
+                                      "mlp.dense_h_to_4h.out_features", "gelu (tanh approx.)"))
+register_architecture(MlpArchitecture("opt", ("opt",), ("model.decoder.layers",), "activation_fn",
+                                      "fc1.out_features", "relu"))
+
+
+def supported_families() -> list[str]:
+    return sorted({a.family for a in _REGISTRY.values()})
+
+
+def _get(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        if part == "":
+            continue
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _try_get(root: Any, path: str) -> Any:
+    try:
+        return _get(root, path)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class ActivationSites:
+    """The per-layer modules whose output is the MLP activation [..., N]."""
+
+    modules: list[nn.Module]
+    num_neurons: int
+    hook_point: str  # canonical description, e.g. "model.layers.{i}.mlp.act_fn"
+    family: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.modules)
+
+    def check_mask_shape(self, num_layers: int, num_neurons: int, what: str = "neuron map") -> None:
+        if (num_layers, num_neurons) != (self.num_layers, self.num_neurons):
+            raise ArchitectureError(
+                f"{what} is for {num_layers} layers x {num_neurons} neurons, but the model has "
+                f"{self.num_layers} x {self.num_neurons}; it was made for another model")
+
+    def add_hooks(self, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) -> list[Any]:
+        """Register ``fn(layer, activation) -> replacement or None`` on every layer."""
+        handles = []
+        for layer, module in enumerate(self.modules):
+            def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor, layer: int = layer) -> Any:
+                return fn(layer, out)
+            handles.append(module.register_forward_hook(hook))
+        return handles
+
+
+def _model_type(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "model_type", type(model).__name__))
+
+
+def locate_activations(model: nn.Module, act_path: str | None = None) -> ActivationSites:
+    """Find the MLP activation module of every layer, or fail with one clear line."""
+    if act_path is not None:
+        return _locate_from_template(model, act_path)
+    mt = _model_type(model)
+    arch = _REGISTRY.get(mt)
+    if arch is None:
+        raise ArchitectureError(
+            f"unsupported architecture {mt!r}: supported families are {', '.join(supported_families())}; "
+            "pass --mlp-act-path 'model.layers.{i}.mlp.act_fn' (path of the per-layer activation module) "
+            "or call langneurons.arch.register_architecture(...)")
+    for lp in arch.layers_paths:
+        layers = _try_get(model, lp)
+        if layers is not None and isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0:
+            break
+    else:
+        raise ArchitectureError(f"{mt}: none of the layer paths {arch.layers_paths} exists in this model; "
+                                "pass --mlp-act-path to say where the MLP activation lives")
+    modules = []
+    for i, layer in enumerate(layers):
+        mod = _try_get(layer, arch.act_path)
+        if not isinstance(mod, nn.Module):
+            raise ArchitectureError(f"{mt}: layer {i} has no module at '{arch.act_path}' (MoE or modified "
+                                    "model?); pass --mlp-act-path")
+        modules.append(mod)
+    sizes = {int(_get(layer, arch.size_path)) for layer in layers}
+    if len(sizes) != 1:
+        raise ArchitectureError(f"{mt}: layers have different MLP sizes {sorted(sizes)}; not supported")
+    _check_distinct(modules, mt)
+    return ActivationSites(modules, sizes.pop(), f"{lp}.{{i}}.{arch.act_path}", arch.family)
+
+
+def _check_distinct(modules: Sequence[nn.Module], what: str) -> None:
+    # A module shared by several layers would fire several times per forward and mix layers.
+    if len({id(m) for m in modules}) != len(modules):
+        raise ArchitectureError(f"{what}: the activation module is shared between layers, so a hook "
+                                "cannot tell layers apart; not supported")
+
+
+def _locate_from_template(model: nn.Module, template: str) -> ActivationSites:
+    if "{i}" not in template:
+        raise ArchitectureError(f"--mlp-act-path {template!r} must contain '{{i}}' for the layer index")
+    modules = []
+    while (mod := _try_get(model, template.format(i=len(modules)))) is not None:
+        if not isinstance(mod, nn.Module):
+            raise ArchitectureError(f"{template.format(i=len(modules))} is not a module")
+        modules.append(mod)
+    if not modules:
+        raise ArchitectureError(f"--mlp-act-path {template!r}: no module at {template.format(i=0)}")
+    _check_distinct(modules, template)
+    num_neurons = _probe_width(model, modules[0])
+    return ActivationSites(modules, num_neurons, template, "custom")
+
+
+def _probe_width(model: nn.Module, module: nn.Module) -> int:
+    """Run one token through the model to learn the activation width."""
+    seen: list[int] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(int(out.shape[-1])))
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    finally:
+        handle.remove()
+    if not seen:
+        raise ArchitectureError("the --mlp-act-path module did not run in a forward pass")
+    return seen[0]
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head: counting needs no logits, and on
+    large-vocabulary models the head is the most expensive matmul of the forward."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    return model

@@ -1,0 +1,118 @@
+"""`langneurons record | merge | import`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import LangNeuronsError
+from .app import app, split_list
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise LangNeuronsError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from None
+    if not 0 <= i < n:
+        raise LangNeuronsError(f"--shard {value}: need 0 <= i < n")
+    return i, n
+
+
+def parse_max_memory(value: str | None) -> dict | None:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> accelerate's max_memory dict."""
+    if not value:
+        return None
+    out: dict = {}
+    for item in value.split(","):
+        key, _, mem = item.partition("=")
+        if not mem:
+            raise LangNeuronsError(f"--max-memory items look like 0=20GiB or cpu=64GiB, got {item!r}")
+        out[int(key) if key.strip().isdigit() else key.strip()] = mem.strip()
+    return out
+
+
+@app.command()
+def record(
+    model: str = typer.Option("gemma-3-270m", help="Local HF directory, .gguf file or alias (gemma-3-270m, smollm2-135m)."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus path (default: the embedded parallel corpus)."),
+    out: Path = typer.Option(..., help="Run directory to write."),
+    langs: Optional[str] = typer.Option(None, help="Comma list of languages (default: all in the corpus)."),
+    scope: str = typer.Option("all", help="all: every non-pad token; response: response tokens of prompt/response pairs."),
+    batch_size: int = typer.Option(8),
+    max_length: Optional[int] = typer.Option(None, help="Truncate longer sequences (default: model context)."),
+    max_tokens_per_lang: Optional[int] = typer.Option(None),
+    include_special: bool = typer.Option(False, help="Also count BOS/EOS tokens added by the tokenizer."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: Optional[str] = typer.Option(None),
+    device_map: Optional[str] = typer.Option(None, help="e.g. auto, to spread a large model over GPUs."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory caps, e.g. 0=20GiB,cpu=64GiB."),
+    mlp_act_path: Optional[str] = typer.Option(None, help="Override: path of the activation module, with {i}."),
+    shard: Optional[str] = typer.Option(None, help="i/n: count only shard i of n (merge the shards later)."),
+    flush_every: int = typer.Option(50, help="Batches between partial flushes (resume inside a language)."),
+    text_column: str = typer.Option("text"),
+    lang_column: str = typer.Option("lang"),
+    prompt_column: str = typer.Option("prompt"),
+    response_column: str = typer.Option("response"),
+    doc_sep: str = typer.Option("line", help="line | blank: document separator in <lang>.txt files."),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Record again even where stats exist."),
+) -> None:
+    """Count, per language, how often each MLP neuron is positive."""
+    from ..corpus import ColumnMap, load_corpus
+    from ..models import load_model
+    from ..record import RecordConfig
+    from ..record import record as do_record
+
+    if scope not in ("all", "response"):
+        raise LangNeuronsError(f"--scope must be 'all' or 'response', got {scope!r}")
+    if doc_sep not in ("line", "blank"):
+        raise LangNeuronsError(f"--doc-sep must be 'line' or 'blank', got {doc_sep!r}")
+    cols = ColumnMap(lang=lang_column, text=text_column, prompt=prompt_column, response=response_column)
+    corp = load_corpus(corpus, split_list(langs), kind="qa" if scope == "response" else "text",
+                       doc_sep=doc_sep, columns=cols)  # type: ignore[arg-type]
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                        max_memory=parse_max_memory(max_memory))
+    cfg = RecordConfig(scope=scope, batch_size=batch_size, max_length=max_length,  # type: ignore[arg-type]
+                       max_tokens_per_lang=max_tokens_per_lang, include_special=include_special, seed=seed,
+                       act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard))
+    stats = do_record(loaded.model, loaded.tokenizer, corp, out, cfg, model_id=loaded.source,
+                      model_fingerprint=loaded.fingerprint, force=force)
+    for lang, n in zip(stats.languages, stats.tokens.tolist()):
+        typer.echo(f"{lang:>8}  {n:>10,} tokens")
+    typer.echo(f"wrote {out}/stats ({stats.num_layers} layers x {stats.num_neurons} neurons)")
+
+
+@app.command()
+def merge(inputs: list[Path] = typer.Argument(..., help="Run directories / shards of the same model."),
+          out: Path = typer.Option(...)) -> None:
+    """Add up the counts of several runs or shards (exact: counts are sums)."""
+    from ..stats import merge_runs
+
+    stats = merge_runs(inputs, out)
+    typer.echo(f"merged {len(inputs)} inputs -> {out} ({', '.join(f'{lang}:{n:,}' for lang, n in zip(stats.languages, stats.tokens.tolist()))} tokens)")
+
+
+@app.command("import")
+def import_(paths: list[Path] = typer.Argument(..., help="Files or directories of published activation counts."),
+            format: str = typer.Option(..., "--format", help="lape | njunlp"),
+            langs: Optional[str] = typer.Option(None, help="Language order (default: sorted names)."),
+            model: str = typer.Option("", help="Model id to note in the metadata."),
+            out: Path = typer.Option(...)) -> None:
+    """Import LAPE or the paper authors' activation files into a run directory."""
+    from ..stats import ActivationStats, find_import_files
+
+    parts = find_import_files(format, paths, split_list(langs))
+    for p in parts:
+        p.meta["model"] = model
+        p.meta["model_fingerprint"] = f"imported:{model}" if model else "imported"
+        p.validate(p.lang)
+    stats = ActivationStats.stack(parts)
+    stats.save(out, extra_manifest={"model": {"model": model, "imported_from": format},
+                                    "record": {"scope": stats.meta.get("scope"),
+                                               "tokens": dict(zip(stats.languages, stats.tokens.tolist()))}})
+    typer.echo(f"imported {len(parts)} languages ({stats.num_layers} x {stats.num_neurons}) -> {out}")

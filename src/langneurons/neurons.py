@@ -1,0 +1,284 @@
+"""NeuronMap: which neurons were selected, their class and their languages.
+
+Classes (int8 codes in ``classes`` [L, N]):
+
+* ``specific``   selected and active (p > τ) in exactly one language;
+* ``related``    selected and active in 2..K-1 languages;
+* ``general``    active in all K languages (selected or not);
+* ``unassigned`` selected but active in no language (reported, never ablated);
+* ``none``       everything else.
+
+``active`` [K, L, N] holds the language set of every selected or general neuron (False
+elsewhere). Masks for interventions come from `NeuronMap.masks`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import NeuronMapError
+from .io import atomic_write
+
+CLASS_NAMES = ("none", "specific", "related", "general", "unassigned")
+CLASS_CODE = {name: code for code, name in enumerate(CLASS_NAMES)}
+NONE, SPECIFIC, RELATED, GENERAL, UNASSIGNED = range(5)
+
+#: one language's mask: for each layer, the sorted neuron indices
+LayerMask = list[torch.Tensor]
+
+
+def parse_classes(spec: str | Sequence[str]) -> tuple[str, ...]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in ("specific", "related", "general")]
+    if bad or not names:
+        raise NeuronMapError(f"unknown neuron class(es) {bad or spec!r}; use a comma list of specific,related,general")
+    return tuple(names)
+
+
+@dataclass
+class NeuronMap:
+    languages: list[str]
+    classes: torch.Tensor  # int8 [L, N]
+    active: torch.Tensor  # bool [K, L, N]
+    selected: torch.Tensor  # bool [L, N]
+    scores: torch.Tensor | None = None  # float32 [L, N]: the selection score (lower = more language-specific)
+    meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. stability frequencies
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.classes.shape[0])
+
+    @property
+    def num_neurons(self) -> int:
+        return int(self.classes.shape[1])
+
+    @property
+    def K(self) -> int:
+        return len(self.languages)
+
+    def class_mask(self, classes: Iterable[str]) -> torch.Tensor:
+        """bool [L, N]: neurons of any of the given classes."""
+        out = torch.zeros_like(self.selected)
+        for c in classes:
+            out |= self.classes == CLASS_CODE[c]
+        return out
+
+    def language_mask(self, lang: str, classes: Iterable[str] = ("specific", "related")) -> torch.Tensor:
+        """bool [L, N]: neurons of the given classes that belong to ``lang``."""
+        if lang not in self.languages:
+            raise NeuronMapError(f"language {lang!r} is not in the neuron map ({','.join(self.languages)})")
+        return self.class_mask(classes) & self.active[self.languages.index(lang)]
+
+    def masks(self, classes: Iterable[str] = ("specific", "related")) -> dict[str, LayerMask]:
+        """``{lang: [layer -> sorted LongTensor of neuron indices]}`` for every language
+        (a language with no neurons keeps its slot, with empty tensors)."""
+        classes = tuple(classes)
+        return {lang: mask_to_indices(self.language_mask(lang, classes)) for lang in self.languages}
+
+    def counts_per_layer(self) -> dict[str, list[int]]:
+        return {name: (self.classes == CLASS_CODE[name]).sum(1).tolist()
+                for name in ("specific", "related", "general", "unassigned")}
+
+    def counts_per_language(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for k, lang in enumerate(self.languages):
+            out[lang] = {name: int(((self.classes == CLASS_CODE[name]) & self.active[k]).sum())
+                         for name in ("specific", "related", "general")}
+        return out
+
+    def appear(self) -> list[int]:
+        """appear[c] = number of selected neurons active in exactly c languages, c = 0..K."""
+        n_act = self.active.sum(0)[self.selected]
+        return torch.bincount(n_act.flatten(), minlength=self.K + 1).tolist()
+
+    def summary(self) -> dict[str, Any]:
+        return {"selected": int(self.selected.sum()), "appear": self.appear(),
+                "totals": {n: int((self.classes == CLASS_CODE[n]).sum())
+                           for n in ("specific", "related", "general", "unassigned")},
+                "per_language": self.counts_per_language()}
+
+    def check_fits(self, num_layers: int, num_neurons: int, what: str = "the model") -> None:
+        if (num_layers, num_neurons) != (self.num_layers, self.num_neurons):
+            raise NeuronMapError(f"the neuron map is {self.num_layers} layers x {self.num_neurons} neurons but "
+                                 f"{what} has {num_layers} x {num_neurons}; it was made for another model")
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        tensors = {"classes": self.classes.to(torch.int8).contiguous(),
+                   "active": self.active.to(torch.bool).contiguous(),
+                   "selected": self.selected.to(torch.bool).contiguous()}
+        if self.scores is not None:
+            tensors["scores"] = self.scores.to(torch.float32).contiguous()
+        for k, v in self.extras.items():
+            tensors[f"extra.{k}"] = v.contiguous()
+        meta = dict(self.meta, languages=self.languages)
+        blob = {"langneurons": json.dumps(meta, ensure_ascii=False, default=str)}
+        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=blob))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronMap":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "neurons.safetensors"
+        if not path.is_file():
+            raise NeuronMapError(f"neuron map {path} does not exist; run `langneurons identify` first")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get("langneurons", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NeuronMapError(f"neuron map {path} is unreadable or truncated ({exc}); run identify again") from None
+        for key in ("classes", "active", "selected"):
+            if key not in tensors:
+                raise NeuronMapError(f"{path} is not a langneurons neuron map (no '{key}' tensor)")
+        languages = list(meta.pop("languages", []))
+        if len(languages) != tensors["active"].shape[0]:
+            raise NeuronMapError(f"{path}: metadata lists {len(languages)} languages but masks have "
+                                 f"{tensors['active'].shape[0]}")
+        extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(languages, tensors["classes"], tensors["active"], tensors["selected"], tensors.get("scores"),
+                   meta, extras)
+
+
+def mask_to_indices(mask: torch.Tensor) -> LayerMask:
+    """bool [L, N] -> per-layer sorted int64 index tensors."""
+    return [row.nonzero().flatten().to(torch.int64) for row in mask]
+
+
+def indices_to_mask(indices: Sequence[torch.Tensor], num_neurons: int) -> torch.Tensor:
+    mask = torch.zeros(len(indices), num_neurons, dtype=torch.bool)
+    for layer, idx in enumerate(indices):
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_neurons):
+            raise NeuronMapError(f"layer {layer}: neuron index out of range [0, {num_neurons})")
+        mask[layer, idx] = True
+    return mask
+
+
+# -- interop with the published LAPE list format ---------------------------------------------
+#: pseudo-class for `to_lape`: every selected neuron in each language where it is active --
+#: exactly the mask files the published codes write (LAPE also lists selected neurons that are
+#: active in all K languages; those are "general" here).
+SELECTED = "selected"
+
+#: the published mask format: for each language (in order), for each layer, sorted neuron indices
+LapeMask = list[list[torch.Tensor]]
+
+
+def _lape_base_mask(nmap: NeuronMap, classes: str | Sequence[str]) -> torch.Tensor:
+    names = [s.strip() for s in (classes.split(",") if isinstance(classes, str) else classes) if s.strip()]
+    base = torch.zeros_like(nmap.selected)
+    if SELECTED in names:
+        base |= nmap.selected
+        names = [n for n in names if n != SELECTED]
+        if not names:
+            return base
+    try:
+        return base | nmap.class_mask(parse_classes(names))
+    except NeuronMapError:
+        raise NeuronMapError(f"unknown neuron class(es) in {classes!r}; use a comma list of "
+                             "specific,related,general or 'selected' (the published mask)") from None
+
+
+def to_lape(nmap: NeuronMap, classes: str | Sequence[str] = ("specific", "related")) -> LapeMask:
+    """``List[K][L]`` of sorted int64 index tensors in ``nmap.languages`` order.
+
+    ``classes``: any of specific, related, general, or ``selected`` (every selected neuron in
+    its active languages, the published files' content). A language without neurons keeps its
+    slot (L empty tensors) -- the published LAPE code drops trailing empty languages.
+    """
+    base = _lape_base_mask(nmap, classes)
+    return [mask_to_indices(base & nmap.active[k]) for k in range(nmap.K)]
+
+
+def save_lape(nmap: NeuronMap, classes: str | Sequence[str], path: str | Path) -> Path:
+    """Write `to_lape` with ``torch.save`` (atomic); loadable with ``torch.load(weights_only=True)``."""
+    obj = to_lape(nmap, classes)
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def from_lape(obj: Any, languages: Sequence[str], num_neurons: int,
+              meta: dict[str, Any] | None = None) -> NeuronMap:
+    """Build a NeuronMap from the published list format ``List[K][L]`` of index tensors.
+
+    A neuron's class comes from how many languages list it: 1 -> specific, 2..K-1 -> related,
+    K -> general; selected = listed anywhere. The files carry no τ, scores or unselected
+    neurons, so ``general`` here means "selected and listed for every language".
+    """
+    languages = list(languages)
+    num_languages = len(languages)
+    if num_languages < 1:
+        raise NeuronMapError("give the languages of the mask file in order (e.g. --langs en,zh,fr)")
+    if len(set(languages)) != num_languages:
+        raise NeuronMapError(f"duplicate languages: {languages}")
+    if not isinstance(obj, (list, tuple)) or not obj or not all(isinstance(x, (list, tuple)) for x in obj):
+        raise NeuronMapError("not a LAPE neuron file: expected a list (one per language) of lists "
+                             "(one per layer) of index tensors")
+    if len(obj) > num_languages:
+        raise NeuronMapError(f"the file has {len(obj)} language slots but {num_languages} languages were given "
+                             f"({','.join(languages)}); give all languages in the file's order")
+    num_layers = len(obj[0])
+    if num_layers == 0 or any(len(x) != num_layers for x in obj):
+        raise NeuronMapError(f"the language slots list different numbers of layers ({[len(x) for x in obj]}); "
+                             "the file is not in the LAPE format")
+    if int(num_neurons) < 1:
+        raise NeuronMapError(f"--num-neurons must be >= 1, got {num_neurons}")
+    if len(obj) < num_languages:
+        dropped = languages[len(obj):]
+        warnings.warn(f"the file has {len(obj)} language slots for {num_languages} languages; LAPE's published "
+                      f"code drops trailing languages that got no neurons, so {','.join(dropped)} are taken as empty",
+                      stacklevel=2)
+    masks = []
+    for slot in obj:
+        layers = []
+        for idx in slot:
+            try:
+                t = torch.as_tensor(idx)
+            except (TypeError, ValueError, RuntimeError):
+                raise NeuronMapError("not a LAPE neuron file: a layer entry is not a tensor of indices") from None
+            if t.numel() and (t.dtype.is_floating_point and bool((t != t.round()).any())):
+                raise NeuronMapError("not a LAPE neuron file: neuron indices must be integers")
+            layers.append(t.reshape(-1).to(torch.int64))
+        masks.append(indices_to_mask(layers, int(num_neurons)))
+    while len(masks) < num_languages:
+        masks.append(torch.zeros(num_layers, int(num_neurons), dtype=torch.bool))
+    active = torch.stack(masks)
+    count = active.sum(0)
+    classes = torch.zeros(num_layers, int(num_neurons), dtype=torch.int8)
+    classes[count == 1] = SPECIFIC
+    classes[(count >= 2) & (count <= num_languages - 1)] = RELATED
+    classes[count == num_languages] = GENERAL
+    selected = count > 0
+    appear = torch.bincount(count[selected].flatten(), minlength=num_languages + 1).tolist()
+    info: dict[str, Any] = {
+        "method": "imported-lape", "params": {}, "tau": None, "lambda": None, "lambda_trace": [],
+        "lambda_saturated": False, "appear": appear, "num_selected": int(selected.sum()),
+        "num_unassigned": 0,
+        "note": "imported from a LAPE-format list: general = listed for all languages (selected only)",
+    }
+    info.update(meta or {})
+    return NeuronMap(languages, classes, active, selected, None, info)
+
+
+def load_lape(path: str | Path, languages: Sequence[str], num_neurons: int,
+              meta: dict[str, Any] | None = None) -> NeuronMap:
+    """Read a published neuron file (``torch.load(weights_only=True)`` only) into a NeuronMap."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeuronMapError(f"mask file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # arbitrary pickles are refused on purpose
+        raise NeuronMapError(f"cannot read {path} with torch.load(weights_only=True): {exc}") from None
+    return from_lape(obj, languages, num_neurons, {"source_file": str(path), **(meta or {})})

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from langneurons.corpus import ColumnMap, Example, load_corpus
+from langneurons.errors import CorpusError
+
+
+def test_txt_directory_line_and_blank(tmp_path):
+    (tmp_path / "en.txt").write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+    (tmp_path / "de.txt").write_text("erstes\nzweites\n", encoding="utf-8")
+    c = load_corpus(tmp_path)
+    assert c.languages == ["de", "en"]
+    assert [e.text for e in c.by_lang["en"]] == ["first doc", "second doc"]
+    (tmp_path / "fr.txt").write_text("un\ndeux\n\ntrois\n", encoding="utf-8")
+    c = load_corpus(tmp_path, ["fr"], doc_sep="blank")
+    assert [e.text for e in c.by_lang["fr"]] == ["un\ndeux", "trois"]
+
+
+def test_non_utf8_names_line(tmp_path):
+    (tmp_path / "en.txt").write_bytes(b"ok line\nsecond\nbad \xff byte\n")
+    with pytest.raises(CorpusError, match=r"en.txt:3: not valid UTF-8"):
+        load_corpus(tmp_path)
+
+
+def test_jsonl_text_and_pairs_and_columns(tmp_path):
+    f = tmp_path / "c.jsonl"
+    rows = [{"lang": "en", "text": "hi"}, {"lang": "zh", "prompt": "问", "response": "答"}]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    c = load_corpus(f)
+    assert c.by_lang["en"][0].text == "hi"
+    assert c.by_lang["zh"][0].is_pair and c.by_lang["zh"][0].response == "答"
+    g = tmp_path / "d.jsonl"
+    g.write_text(json.dumps({"language": "en", "sentence": "hello"}) + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no 'lang' field"):
+        load_corpus(g)
+    c = load_corpus(g, columns=ColumnMap(lang="language", text="sentence"))
+    assert c.by_lang["en"][0].text == "hello"
+    with pytest.raises(CorpusError, match="no text column 'text'"):
+        load_corpus(g, columns=ColumnMap(lang="language"))
+
+
+def test_bad_json_line_and_missing_language(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"lang": "en", "text": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: invalid JSON"):
+        load_corpus(f)
+    f.write_text('{"lang": "en", "text": "a"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match="not in the corpus"):
+        load_corpus(f, ["en", "sw"])
+
+
+def test_empty_language_file(tmp_path):
+    (tmp_path / "en.txt").write_text("x\n", encoding="utf-8")
+    (tmp_path / "sw.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="'sw' has no documents"):
+        load_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="does not exist"):
+        load_corpus(tmp_path / "nope")
+
+
+def test_hf_dataset_on_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"language": ["en", "de", "en"], "content": ["a b", "c d", "e f"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    c = load_corpus(tmp_path / "ds", columns=ColumnMap(lang="language", text="content"))
+    assert [e.text for e in c.by_lang["en"]] == ["a b", "e f"]
+    with pytest.raises(CorpusError, match="unknown column"):
+        load_corpus(tmp_path / "ds")
+
+
+def test_split_is_parallel_and_deterministic():
+    from langneurons.corpus import Corpus
+
+    c = Corpus({x: [Example(x, text=f"{x}{i}") for i in range(10)] for x in ("en", "de")})
+    a, b = c.split(0.2)
+    assert [e.text[2:] for e in b.by_lang["en"]] == [e.text[2:] for e in b.by_lang["de"]] == ["0", "5"]
+    assert len(a.by_lang["en"]) == 8

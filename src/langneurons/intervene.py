@@ -1,0 +1,327 @@
+"""Interventions: deactivate, scale or set MLP neurons of a loaded Hugging Face model.
+
+The neuron (l, n) is coordinate n of the activation module found by
+`langneurons.arch.locate_activations` (``act_fn(gate_proj(x))`` or ``act(fc1(x))``). A forward
+hook on that module returns a modified copy of the activation, so the change flows into the
+down projection exactly as if the neuron had produced another value::
+
+    with deactivate(model, nmap.language_mask("de", ("specific",))):
+        logits = model(**batch).logits          # German-specific neurons zeroed
+
+Modes (``mode=``):
+
+* ``"zero"``  activation := 0 (deactivation: the neuron contributes nothing to ``down_proj``);
+* ``"scale"`` activation := factor * activation;
+* ``"set"``   activation := values[l, n], e.g. the neuron's mean activation in another language
+  (``ActivationStats.means()[k]``).
+
+Positions (``positions=``):
+
+* ``"all"``       every position of every forward pass;
+* ``"generated"`` only positions after the prompt. Detection: a forward pre-hook on the model
+  reads the KV cache that ``generate`` passes (``cache=`` in transformers 5,
+  ``past_key_values=`` before). A forward whose cache is empty or absent is a *prefill* (it reads
+  the prompt): nothing is patched in it unless ``prompt_length`` is given, in which case the
+  positions ``>= prompt_length`` are patched (this also covers generation without a KV cache,
+  where every step re-reads the whole sequence). Every forward with a non-empty cache reads only
+  new tokens, so all of its positions are patched. With left padding (what `evaluate.generate`
+  uses) the prompt length is the padded width, the same for every row. Consequence worth knowing:
+  the *first* new token is predicted from the last prompt position, which is not patched, so it
+  equals the unpatched model's first token; the intervention acts from the second token on.
+  Chunked prefill (a prompt fed in several cached chunks) would be mistaken for generation.
+
+Guarantees (all tested): hooks are removed on exit even when the body raises; contexts nest (both
+apply, inner after outer); an empty mask registers no hook, so logits are bit-identical to the
+unpatched model; a mask or value tensor that does not fit the model raises `NeuronMapError`
+instead of silently doing nothing; the returned `Intervention` counts how often each layer was
+patched, and `Intervention.check_fired()` fails loudly when a hooked layer never ran (fused
+kernels or ``torch.compile`` can bypass Python hooks).
+
+Index tensors are moved lazily to the device of each layer's activation, once, so a model spread
+over several devices (``device_map="auto"``) works without host round trips.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .arch import ActivationSites, locate_activations
+from .errors import LangNeuronsError, NeuronMapError
+
+Mode = Literal["zero", "scale", "set"]
+Positions = Literal["all", "generated"]
+#: a mask: bool [L, N], or one index tensor per layer
+MaskLike = torch.Tensor | Sequence[torch.Tensor]
+
+__all__ = ["deactivate", "Intervention", "random_control", "as_indices", "mask_size", "mask_key"]
+
+
+def as_indices(mask: MaskLike, num_layers: int, num_neurons: int) -> list[torch.Tensor]:
+    """Normalise a mask (bool [L, N] or per-layer index tensors) to per-layer sorted, unique
+    int64 CPU index tensors, checking that it fits an L x N model."""
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise NeuronMapError(f"a mask tensor must be bool [layers, neurons], got dtype {mask.dtype}; "
+                                 "pass a per-layer list of index tensors for indices")
+        if mask.dim() != 2 or tuple(mask.shape) != (num_layers, num_neurons):
+            raise NeuronMapError(f"the mask is {list(mask.shape)} but the model has {num_layers} layers x "
+                                 f"{num_neurons} neurons; it was made for another model")
+        return [row.nonzero().flatten().to(torch.int64).cpu() for row in mask]
+    layers = list(mask)
+    if len(layers) != num_layers:
+        raise NeuronMapError(f"the mask has {len(layers)} layers but the model has {num_layers}; "
+                             "it was made for another model")
+    out = []
+    for layer, idx in enumerate(layers):
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            raise NeuronMapError(f"layer {layer}: got a bool tensor inside a per-layer list; pass index tensors "
+                                 "or one bool [layers, neurons] tensor")
+        if idx.is_floating_point():
+            raise NeuronMapError(f"layer {layer}: neuron indices must be integers, got {idx.dtype}")
+        idx = idx.flatten().to(torch.int64).cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_neurons):
+            raise NeuronMapError(f"layer {layer}: neuron index out of range [0, {num_neurons}) "
+                                 "(the mask was made for another model)")
+        out.append(torch.unique(idx))  # sorted, no duplicates
+    return out
+
+
+def mask_size(mask: MaskLike) -> int:
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return int(mask.sum())
+    return sum(int(torch.as_tensor(i).numel()) for i in mask)
+
+
+def mask_key(mask: torch.Tensor) -> bytes:
+    """A hashable key of a bool [L, N] mask (to reuse results of identical masks)."""
+    packed = mask.to(torch.bool).contiguous().cpu()
+    return bytes(str(tuple(packed.shape)), "ascii") + packed.numpy().tobytes()
+
+
+@dataclass
+class Intervention:
+    """What a `deactivate` context did (returned by ``with deactivate(...) as iv``)."""
+
+    mode: str
+    positions: str
+    indices: list[torch.Tensor]  # per layer, CPU
+    calls: list[int] = field(default_factory=list)  # per layer: forwards in which the hook ran
+    patched_positions: int = 0  # (batch x seq) positions patched, counted at the first hooked layer
+
+    @property
+    def layers(self) -> list[int]:
+        return [layer for layer, idx in enumerate(self.indices) if idx.numel()]
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(int(i.numel()) for i in self.indices)
+
+    def check_fired(self) -> None:
+        """Fail loudly if a hooked layer never ran since the context was entered (a fused kernel,
+        torch.compile or a forward that bypassed the model would make the intervention a no-op)."""
+        silent = [layer for layer in self.layers if self.calls[layer] == 0]
+        if silent:
+            raise LangNeuronsError(
+                f"the intervention hooks of layers {silent[:5]} never ran: the forward bypassed the activation "
+                "modules (torch.compile, a fused kernel, or a model other than the one patched); disable "
+                "compilation or pass --mlp-act-path")
+
+
+def _cache_is_empty(args: tuple, kwargs: dict) -> bool:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return True
+    get_len = getattr(cache, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len()) == 0
+    try:  # legacy tuple-of-tuples cache: [layer][key/value] -> [B, H, T, D]
+        return int(cache[0][0].shape[-2]) == 0
+    except (IndexError, TypeError, AttributeError):
+        return False
+
+
+class _Patcher:
+    """The per-layer hook function plus the position state shared with the model pre-hook."""
+
+    def __init__(self, iv: Intervention, mode: str, factor: float, values: torch.Tensor | None,
+                 positions: str, prompt_length: int | None):
+        self.iv = iv
+        self.mode = mode
+        self.factor = float(factor)
+        self.values = values
+        self.positions = positions
+        self.prompt_length = prompt_length
+        # Start index (in the hook's sequence dim) of the patched positions for the current forward;
+        # None = not inside a forward of the patched model (only matters for "generated").
+        self.start: int | None = None
+        self.first_layer = iv.layers[0] if iv.layers else -1
+        self._idx_on: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._vals_on: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    # model-level hooks (only for positions="generated")
+    def pre_forward(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _cache_is_empty(args, kwargs):
+            # A prefill reads the prompt: patch nothing, or from the given prompt length on.
+            self.start = self.prompt_length if self.prompt_length is not None else 1 << 62
+        else:
+            self.start = 0  # cached decoding: every position of this forward is a new token
+
+    def post_forward(self, *_: Any) -> None:
+        self.start = None
+
+    def _index(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, device)
+        idx = self._idx_on.get(key)
+        if idx is None:
+            idx = self._idx_on[key] = self.iv.indices[layer].to(device)
+        return idx
+
+    def _values(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (layer, device, dtype)
+        vals = self._vals_on.get(key)
+        if vals is None:
+            assert self.values is not None
+            vals = self._vals_on[key] = self.values[layer].index_select(0, self.iv.indices[layer]).to(device, dtype)
+        return vals
+
+    def __call__(self, layer: int, out: torch.Tensor) -> torch.Tensor | None:
+        idx = self.iv.indices[layer]
+        if idx.numel() == 0:  # never registered for empty layers; kept for safety
+            return None
+        self.iv.calls[layer] += 1
+        start = 0
+        if self.positions == "generated":
+            if self.start is None:
+                raise LangNeuronsError("positions='generated' needs the forward to go through the model passed "
+                                       "to deactivate() (it reads the KV cache to tell prompt from new tokens)")
+            if out.dim() != 3:
+                raise LangNeuronsError(f"positions='generated' needs a [batch, seq, neurons] activation, got "
+                                       f"shape {list(out.shape)}")
+            start = min(self.start, out.shape[1])
+            if start >= out.shape[1]:
+                return None  # only prompt positions in this forward
+        if layer == self.first_layer:
+            self.iv.patched_positions += int(out[..., 0].numel() if start == 0 else out[:, start:, 0].numel())
+        dev = out.device
+        index = self._index(layer, dev)
+        # Out-of-place (never modify `out`): autograd may need it (ReLU's backward reads its output),
+        # and untouched coordinates stay bit-identical.
+        region = out if start == 0 else out[:, start:]
+        if self.mode == "zero":
+            new_region = region.index_fill(-1, index, 0.0)
+        elif self.mode == "scale":
+            new_region = region.index_copy(-1, index, region.index_select(-1, index) * self.factor)
+        else:
+            vals = self._values(layer, dev, out.dtype)
+            new_region = region.index_copy(-1, index, vals.expand(*region.shape[:-1], vals.numel()).contiguous())
+        if start == 0:
+            return new_region
+        new = out.clone()
+        new[:, start:] = new_region
+        return new
+
+
+@contextmanager
+def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor: float = 0.0,
+               values: torch.Tensor | None = None, positions: Positions = "all",
+               prompt_length: int | None = None, act_path: str | None = None,
+               sites: ActivationSites | None = None) -> Iterator[Intervention]:
+    """Patch the neurons in ``mask`` while the block runs; always unpatch on exit.
+
+    mask: bool [L, N] or one index tensor per layer (a NeuronMap gives either:
+    ``nmap.language_mask(lang, classes)`` / ``nmap.masks(classes)[lang]``).
+    mode: "zero" | "scale" (times ``factor``) | "set" (to ``values[l, n]``, a [L, N] tensor).
+    positions: "all" | "generated" (see the module docstring for how new tokens are detected;
+    ``prompt_length`` makes a prefill patch the positions >= prompt_length).
+    """
+    if mode not in ("zero", "scale", "set"):
+        raise LangNeuronsError(f"unknown intervention mode {mode!r}; use zero, scale or set")
+    if positions not in ("all", "generated"):
+        raise LangNeuronsError(f"unknown positions {positions!r}; use all or generated")
+    sites = sites or locate_activations(model, act_path)
+    L, N = sites.num_layers, sites.num_neurons
+    indices = as_indices(mask, L, N)
+    if mode == "set":
+        if values is None:
+            raise LangNeuronsError("mode='set' needs values=[layers, neurons] (e.g. stats.means()[k])")
+        values = torch.as_tensor(values)
+        if tuple(values.shape) != (L, N):
+            raise NeuronMapError(f"values are {list(values.shape)} but the model has {L} layers x {N} neurons")
+        values = values.detach().cpu()
+    elif values is not None:
+        raise LangNeuronsError(f"values= is only used with mode='set' (mode is {mode!r})")
+    if prompt_length is not None and prompt_length < 0:
+        raise LangNeuronsError(f"prompt_length must be >= 0, got {prompt_length}")
+    iv = Intervention(mode, positions, indices, calls=[0] * L)
+    patcher = _Patcher(iv, mode, factor, values, positions, prompt_length)
+    handles: list[Any] = []
+    try:
+        if iv.layers:  # an empty mask registers nothing: bit-identical to the unpatched model
+            if positions == "generated":
+                handles.append(model.register_forward_pre_hook(patcher.pre_forward, with_kwargs=True))
+                handles.append(model.register_forward_hook(patcher.post_forward))
+            for layer in iv.layers:
+                def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor, layer: int = layer) -> Any:
+                    return patcher(layer, out)
+                handles.append(sites.modules[layer].register_forward_hook(hook))
+        yield iv
+    finally:
+        for h in handles:
+            h.remove()
+    if positions == "generated" and iv.layers and any(iv.calls) and iv.patched_positions == 0:
+        warnings.warn("positions='generated': the model ran but no position after the prompt was patched "
+                      "(generation without a KV cache? pass prompt_length=)", stacklevel=3)
+
+
+def random_control(mask: MaskLike, seed: int, *, exclude: MaskLike | None = None,
+                   num_neurons: int | None = None, strict: bool = True) -> Any:
+    """Random neurons with exactly the same number per layer as ``mask`` (a chance baseline).
+
+    Returns the same kind as ``mask``: bool [L, N] for a bool mask, per-layer sorted index tensors
+    for an index list (then ``num_neurons`` is required). Neurons in ``exclude`` (e.g. the real set)
+    are never drawn; where a layer has too few other neurons (a set covering more than half a
+    layer) ``strict=True`` raises and ``strict=False`` tops the draw up with excluded neurons, so
+    the per-layer counts always match. Reproducible: a `torch.Generator` seeded with ``seed``
+    draws layer by layer.
+    """
+    is_bool = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    if is_bool:
+        L, N = int(mask.shape[0]), int(mask.shape[1])  # type: ignore[union-attr]
+    else:
+        if num_neurons is None:
+            raise LangNeuronsError("random_control on per-layer index tensors needs num_neurons=")
+        L, N = len(mask), int(num_neurons)  # type: ignore[arg-type]
+    indices = as_indices(mask, L, N)
+    excluded = as_indices(exclude, L, N) if exclude is not None else [torch.empty(0, dtype=torch.int64)] * L
+    gen = torch.Generator().manual_seed(int(seed))
+    out: list[torch.Tensor] = []
+    for layer in range(L):
+        count = int(indices[layer].numel())
+        allowed = torch.ones(N, dtype=torch.bool)
+        allowed[excluded[layer]] = False
+        pool = allowed.nonzero().flatten()
+        # One permutation per layer, in layer order: the same (counts, exclude, seed) always gives
+        # the same set, whatever the device or the caller.
+        perm = torch.randperm(pool.numel(), generator=gen)
+        chosen = pool[perm[:count]]
+        if count > pool.numel():
+            if strict:
+                raise NeuronMapError(f"layer {layer}: cannot draw {count} random neurons from the {pool.numel()} "
+                                     "not excluded; exclude fewer neurons (or strict=False)")
+            rest = (~allowed).nonzero().flatten()
+            extra = rest[torch.randperm(rest.numel(), generator=gen)[:count - pool.numel()]]
+            chosen = torch.cat([chosen, extra])
+        out.append(torch.sort(chosen).values)
+    if is_bool:
+        result = torch.zeros(L, N, dtype=torch.bool)
+        for layer, idx in enumerate(out):
+            result[layer, idx] = True
+        return result
+    return out

@@ -1,0 +1,289 @@
+"""Interventions in the report: K x K heatmaps of ablation.parquet and a summary per neuron set.
+
+Rows are the language whose neurons are deactivated, columns the language evaluated. The
+primary quantity is ΔNLL per token in nats (= Δ log PPL): additive, comparable between
+languages and not dominated by one fragile language as ΔPPL is. Every neuron set gets its matrix,
+and the random control of the same per-layer sizes gets one too (averaged over its seeds). All
+ΔNLL heatmaps share one symmetric colour scale centred at 0 so that they can be compared by eye.
+
+`heatmaps(df, figures_dir)` draws the figures; `render_section(run_dir)` returns the HTML fragment
+that report/html.py places in the "Interventions" section (html.py adds the ``<section>`` and its
+heading; ``standalone=True`` adds them here for use outside the report).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runs import RunDir
+from .figures import DPI, save_figure
+from .sections import esc, figure_html, note_html, table_html
+
+SET_ORDER = ("specific", "specific,related", "specific,related,general")
+CMAP = "RdBu_r"  # diverging: red = the loss rises, blue = it falls; white = no change
+METRIC_LABEL = {"nll": "ΔNLL per token (nats) = Δ log PPL", "bpb": "Δ bits per byte", "ppl": "Δ perplexity",
+                "accuracy": "Δ accuracy (number right and in the language)",
+                "number_accuracy": "Δ accuracy of the final number", "language_accuracy": "Δ share in the language"}
+HEATMAP_METRICS = ("nll", "accuracy")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def _set_key(name: str) -> tuple[int, int, str]:
+    base = name.split(":", 1)[1] if name.startswith("random:") else name
+    rank = SET_ORDER.index(base) if base in SET_ORDER else len(SET_ORDER)
+    return rank, int(name.startswith("random:")), name
+
+
+def _order(values: Any) -> list[str]:
+    seen: list[str] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def matrices(df: Any, metric: str = "nll") -> dict[str, tuple[Any, dict[str, int]]]:
+    """{neuron_set: (DataFrame deactivated x eval of mean delta, {deactivated: n_neurons})}; random
+    controls are averaged over seeds. Row/column order: first appearance in ``df``."""
+    sub = df[df["metric"] == metric]
+    rows, cols = _order(sub["deactivated_lang"]), _order(sub["eval_lang"])
+    out = {}
+    for nset in sorted(sub["neuron_set"].unique(), key=_set_key):
+        part = sub[sub["neuron_set"] == nset]
+        tab = part.pivot_table(index="deactivated_lang", columns="eval_lang", values="delta", aggfunc="mean")
+        tab = tab.reindex(index=[r for r in rows if r in tab.index], columns=[c for c in cols if c in tab.columns])
+        counts: dict[str, int] = {}
+        if "n_neurons" in part.columns:
+            counts = {k: int(v) for k, v in part.groupby("deactivated_lang")["n_neurons"].max().items()}
+        out[nset] = (tab, counts)
+    return out
+
+
+def _fmt_cell(v: float) -> str:
+    if not math.isfinite(v):
+        return ""
+    if v == 0 or abs(v) >= 0.01:
+        return f"{v:+.2f}"
+    return f"{v:+.0e}"
+
+
+def _draw(tab: Any, counts: dict[str, int], title: str, label: str, vmax: float) -> Any:
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = tab.shape
+    fig = Figure(figsize=(max(4.2, 0.62 * n_cols + 2.6), max(3.2, 0.5 * n_rows + 1.8)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    data = tab.to_numpy(dtype=float)
+    empty_rows = np.array([counts.get(r, 1) == 0 for r in tab.index])
+    shown = np.ma.masked_invalid(np.where(empty_rows[:, None], np.nan, data))
+    norm = TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
+    cmap = matplotlib.colormaps[CMAP].with_extremes(bad="#e6e6e6")  # grey: nothing was deactivated
+    im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(n_cols), [str(c) for c in tab.columns], fontsize=9)
+    ylabels = [f"{r} ({counts[r]:,})" if r in counts else str(r) for r in tab.index]
+    ax.set_yticks(range(n_rows), ylabels, fontsize=9)
+    ax.set_xlabel("evaluated language")
+    ax.set_ylabel("deactivated language (neurons)")
+    ax.set_title(title, fontsize=10)
+    for i, r in enumerate(tab.index):
+        for j in range(n_cols):
+            v = data[i, j]
+            if counts.get(r, 1) == 0:
+                text, color = "none", "#777777"
+            else:
+                text = _fmt_cell(v)
+                color = "white" if math.isfinite(v) and abs(v) > 0.6 * vmax else "#222222"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+            if str(r) == str(tab.columns[j]):
+                ax.add_patch(_diag_box(j, i))
+    fig.colorbar(im, ax=ax, shrink=0.85, label=label)
+    return fig
+
+
+def _diag_box(x: int, y: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#222222", linewidth=1.2)
+
+
+def heatmaps(df: Any, figures_dir: str | Path) -> list[Path]:
+    """Draw one heatmap per neuron set (and per seed-averaged random control) for ΔNLL and, when
+    present, Δaccuracy; PNG + SVG into ``figures_dir``. Returns the written paths (PNG, SVG, ...)."""
+    figures_dir = Path(figures_dir)
+    written: list[Path] = []
+    for metric in HEATMAP_METRICS:
+        mats = matrices(df, metric)
+        if not mats:
+            continue
+        vmax = max((float(np.nanmax(np.abs(t.to_numpy(dtype=float)))) for t, _ in mats.values() if t.size),
+                   default=0.0)
+        vmax = vmax if math.isfinite(vmax) and vmax > 0 else 1e-6
+        for nset, (tab, counts) in mats.items():
+            if tab.empty:
+                continue
+            what = f"random neurons, per-layer counts of each language's {nset.split(':', 1)[1]} set " \
+                "(mean over seeds)" if nset.startswith("random:") else f"deactivate each language's {nset} neurons"
+            fig = _draw(tab, counts, f"{what}", METRIC_LABEL.get(metric, f"Δ{metric}"), vmax)
+            written.extend(save_figure(fig, figures_dir, f"ablation_{metric}_{_slug(nset)}"))
+    return written
+
+
+# -- the report section ------------------------------------------------------------------------
+def _diag_off(tab: Any) -> tuple[list[float], list[float]]:
+    diag, off = [], []
+    for r in tab.index:
+        for c in tab.columns:
+            v = float(tab.loc[r, c])
+            if math.isfinite(v):
+                (diag if r == c else off).append(v)
+    return diag, off
+
+
+def _mean(xs: list[float]) -> float:
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def summary(df: Any, metric: str = "nll") -> list[dict[str, Any]]:
+    """Per real neuron set: per-language own vs other-language deltas and the random control."""
+    mats = matrices(df, metric)
+    out = []
+    for nset, (tab, counts) in mats.items():
+        if nset.startswith("random:"):
+            continue
+        rand = mats.get(f"random:{nset}", (None, {}))[0]
+        langs = []
+        for k in tab.index:
+            if k not in tab.columns:
+                continue
+            own = float(tab.loc[k, k])
+            others = {c: float(tab.loc[k, c]) for c in tab.columns if c != k}
+            worst_other = max(others, key=lambda c: others[c]) if others else None
+            n = counts.get(k)
+            langs.append({
+                "lang": k, "n_neurons": n, "own": own,
+                "others_mean": _mean(list(others.values())),
+                "worst_other": worst_other, "worst_other_delta": others.get(worst_other, float("nan")) if worst_other else float("nan"),
+                "random_own": float(rand.loc[k, k]) if rand is not None and k in rand.index and k in rand.columns else float("nan"),
+                # "hurts most": the own loss rises, and by more than any other language's
+                "hurts_own_most": bool(n != 0 and own > 0 and (not others or own > max(others.values()))),
+            })
+        diag, off = _diag_off(tab)
+        rdiag, roff = _diag_off(rand) if rand is not None else ([], [])
+        out.append({"neuron_set": nset, "languages": langs, "diag_mean": _mean(diag), "off_mean": _mean(off),
+                    "random_diag_mean": _mean(rdiag), "random_off_mean": _mean(roff),
+                    "own_most": sum(x["hurts_own_most"] for x in langs),
+                    "with_neurons": sum(1 for x in langs if x["n_neurons"] != 0)})
+    return out
+
+
+def _verdict(s: dict[str, Any]) -> str:
+    n, k = s["own_most"], s["with_neurons"]
+    failing = [x["lang"] for x in s["languages"] if x["n_neurons"] != 0 and not x["hurts_own_most"]]
+    none = [x["lang"] for x in s["languages"] if x["n_neurons"] == 0]
+    if k == 0:
+        return f"No language has {s['neuron_set']} neurons, so nothing was deactivated."
+    text = (f"Deactivating a language's {s['neuron_set']} neurons raises that language's own loss more than any "
+            f"other language's for {n} of {k} languages")
+    text += "." if not failing else f" (not for {', '.join(failing)})."
+    if math.isfinite(s["random_diag_mean"]):
+        ratio = ""
+        if s["random_diag_mean"] > 1e-12 and s["diag_mean"] > 0:
+            ratio = f", {s['diag_mean'] / s['random_diag_mean']:.3g}x the random control"
+        text += (f" Mean ΔNLL on the own language {s['diag_mean']:+.4f} nats/token vs {s['off_mean']:+.4f} on the "
+                 f"others; random neurons of the same per-layer sizes: {s['random_diag_mean']:+.4f} vs "
+                 f"{s['random_off_mean']:+.4f}{ratio}.")
+    else:
+        text += (f" Mean ΔNLL on the own language {s['diag_mean']:+.4f} nats/token vs {s['off_mean']:+.4f} on the "
+                 "others (no random control was run).")
+    if none:
+        text += f" No such neurons for: {', '.join(none)}."
+    return text
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "–" if not math.isfinite(v) else f"{v:+.4f}"
+    return "–" if v is None else v
+
+
+def _expected_stems(df: Any) -> list[str]:
+    return [f"ablation_{metric}_{_slug(nset)}" for metric in HEATMAP_METRICS for nset in matrices(df, metric)]
+
+
+def _current_pngs(df: Any, run: RunDir) -> dict[str, Path] | None:
+    """The heatmaps `ablate` already drew, when all exist and are newer than ablation.parquet."""
+    stamp = run.ablation_path.stat().st_mtime
+    out = {}
+    for stem in _expected_stems(df):
+        png = run.figures_dir / f"{stem}.png"
+        if not png.exists() or png.stat().st_mtime < stamp:
+            return None
+        out[stem] = png
+    return out
+
+
+def render_section(run_dir: str | Path, *, standalone: bool = False) -> str:
+    """The Interventions section of the report as an HTML fragment (figures embedded as PNG data URIs)."""
+    import pandas as pd
+
+    run = RunDir(run_dir)
+    if not run.ablation_path.exists():
+        return ""
+    df = pd.read_parquet(run.ablation_path)
+    pngs = _current_pngs(df, run)
+    if pngs is None:  # missing or older than ablation.parquet: draw them again
+        pngs = {p.stem: p for p in heatmaps(df, run.figures_dir) if p.suffix == ".png"}
+    manifest = run.read_manifest().get("ablation", {})
+    parts = ["<p>Rows: the language whose neurons are set to zero; columns: the language evaluated. Cells show "
+             "the change of the mean negative log-likelihood per token (nats, = Δ log perplexity) against the "
+             "unablated model; a random set of neurons with the same number per layer is the chance baseline "
+             "(averaged over its seeds). Log space is the default because perplexity ratios of one fragile "
+             "language can dominate any average; bits per byte (in ablation.parquet) compares languages whose "
+             "tokenisers split them unequally. The boxed diagonal is each language's own loss.</p>"]
+    if manifest:
+        facts = []
+        for key in ("eval_corpus", "scope", "batch_size", "control", "control_seeds", "passes", "seconds"):
+            if key in manifest:
+                facts.append(f"{key.replace('_', ' ')}: {manifest[key]}")
+        if facts:
+            parts.append(f'<p class="small">{esc("; ".join(str(f) for f in facts))}</p>')
+    for metric in HEATMAP_METRICS:
+        for nset, _ in matrices(df, metric).items():
+            stem = f"ablation_{metric}_{_slug(nset)}"
+            if stem not in pngs:
+                continue
+            if nset.startswith("random:"):
+                alt = (f"Heatmap of {METRIC_LABEL.get(metric, metric)} when random neurons with the per-layer counts "
+                       f"of each language's {nset.split(':', 1)[1]} set are deactivated, mean over seeds")
+            else:
+                alt = (f"Heatmap of {METRIC_LABEL.get(metric, metric)} in each evaluated language when each "
+                       f"language's {nset} neurons are deactivated")
+            parts.append(figure_html(pngs[stem], alt=alt, caption=alt + ".", fig_id=f"figure-{stem}"))
+    for s in summary(df, "nll"):
+        parts.append(f"<h3>Neuron set: {esc(s['neuron_set'])}</h3>")
+        parts.append(note_html(_verdict(s), "ok" if s["with_neurons"] and s["own_most"] == s["with_neurons"] else "note"))
+        rows = [[x["lang"], "–" if x["n_neurons"] is None else x["n_neurons"], _fmt(x["own"]), _fmt(x["others_mean"]),
+                 f"{x['worst_other']} ({_fmt(x['worst_other_delta'])})" if x["worst_other"] else "–",
+                 _fmt(x["random_own"]), "yes" if x["hurts_own_most"] else "no"] for x in s["languages"]]
+        footer = [["mean", "", _fmt(s["diag_mean"]), _fmt(s["off_mean"]), "", _fmt(s["random_diag_mean"]),
+                   f"{s['own_most']}/{s['with_neurons']}"]]
+        parts.append(table_html(["deactivated", "neurons", "ΔNLL own", "ΔNLL others (mean)", "most hurt other",
+                                 "random ΔNLL own", "own hurt most"], rows, footer=footer))
+    if not any(df["metric"] == "nll"):
+        parts.append(note_html("No perplexity rows in ablation.parquet (only task accuracy)."))
+    body = "\n".join(parts)
+    if standalone:
+        return f'<section id="section-interventions">\n<h2>Interventions</h2>\n{body}\n</section>'
+    return body

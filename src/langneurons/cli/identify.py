@@ -1,0 +1,155 @@
+"""`langneurons identify | export | import-neurons`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import LangNeuronsError
+from .app import app, split_list
+
+
+def parse_lambda(value: str) -> float | str:
+    """'auto' or a finite float."""
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        lam = float(text)
+    except ValueError:
+        raise LangNeuronsError(f"--lambda must be 'auto' or a number, got {value!r}") from None
+    if not math.isfinite(lam):
+        raise LangNeuronsError(f"--lambda must be finite, got {value!r}")
+    return lam
+
+
+def parse_range(value: str) -> tuple[float, float]:
+    """'0,0.2' -> (0.0, 0.2)."""
+    parts = [x.strip() for x in value.split(",")]
+    try:
+        lo, hi = (float(x) for x in parts)
+    except ValueError:
+        raise LangNeuronsError(f"--lambda-range must look like LO,HI (e.g. 0,0.2), got {value!r}") from None
+    if not lo < hi:
+        raise LangNeuronsError(f"--lambda-range needs LO < HI, got {value!r}")
+    return lo, hi
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory that `ActivationStats.load` reads ``path`` from."""
+    if (path / "stats").is_dir() or (path / "manifest.json").exists():
+        return path
+    return path.parent
+
+
+def _neurons_file(path: Path) -> Path:
+    return path / "neurons.safetensors" if path.is_dir() else path
+
+
+@app.command()
+def identify(
+    stats_path: Path = typer.Argument(..., metavar="STATS_OR_RUN_DIR",
+                                      help="Run directory written by `langneurons record` (or its stats/ folder)."),
+    method: str = typer.Option("entropy-lambda", help="lape | entropy-lambda (or a registered method)."),
+    top_rate: float = typer.Option(0.01, "--top-rate", help="Fraction of all L·N neurons to select."),
+    bar: float = typer.Option(0.95, help="τ = the round(bar·K·L·N)-th smallest probability; active means p > τ."),
+    lam: str = typer.Option("auto", "--lambda", help="entropy-lambda: auto, or a fixed λ."),
+    lambda_range: str = typer.Option("0,0.2", "--lambda-range", help="LO,HI of the automatic λ search."),
+    eps: float = typer.Option(1e-3, help="Bisection stops when HI − LO <= eps."),
+    widen: bool = typer.Option(True, "--widen/--no-widen",
+                               help="Double the λ range while its top still passes (else: published behaviour)."),
+    langs: Optional[str] = typer.Option(None, help="Comma list: identify on this subset of the languages."),
+    out: Optional[Path] = typer.Option(None, help="Neuron map to write (default RUN_DIR/neurons.safetensors)."),
+) -> None:
+    """Select language neurons (LAPE or entropy-λ) and classify them."""
+    from ..identify import METHODS, format_summary
+    from ..identify import identify as run_identify
+    from ..runs import RunDir
+    from ..stats import ActivationStats
+
+    if method not in METHODS:
+        raise LangNeuronsError(f"unknown --method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    lam_value = parse_lambda(lam)
+    lam_range = parse_range(lambda_range)
+    stats = ActivationStats.load(stats_path)
+    subset = split_list(langs)
+    if subset:
+        stats = stats.subset(subset)
+    run = RunDir(_run_dir_of(stats_path))
+    manifest = run.read_manifest()
+    model_info = manifest.get("model") or {}
+    for key in ("model", "model_fingerprint"):
+        if stats.meta.get(key) is None and model_info.get(key) is not None:
+            stats.meta[key] = model_info[key]
+    if stats.meta.get("scope") is None and (manifest.get("record") or {}).get("scope") is not None:
+        stats.meta["scope"] = manifest["record"]["scope"]
+
+    params: dict = {"top_rate": top_rate, "bar": bar}
+    if method == "entropy-lambda":
+        params.update(lam=lam_value, lam_range=lam_range, eps=eps, widen=widen)
+    elif lam_value != "auto":
+        raise LangNeuronsError(f"--lambda applies to entropy-lambda only, not to --method {method}")
+    nmap = run_identify(stats, method=method, **params)
+
+    target = _neurons_file(out) if out is not None else run.neurons_path
+    nmap.save(target)
+    try:
+        rel = str(target.resolve().relative_to(run.path.resolve()))
+        inside = True
+    except ValueError:
+        rel, inside = str(target.resolve()), False
+    meta = nmap.meta
+    run.update_manifest({"identify": {
+        "method": meta["method"], "params": meta["params"], "tau": meta["tau"], "lambda": meta["lambda"],
+        "lambda_saturated": meta["lambda_saturated"], "languages": nmap.languages,
+        "num_selected": meta["num_selected"], "num_unassigned": meta["num_unassigned"],
+        "appear": meta["appear"], "stats_fingerprint": meta["stats_fingerprint"], "path": rel,
+    }})
+    if inside:
+        run.record_checksum(target)
+    typer.echo(format_summary(nmap))
+    typer.echo(f"wrote {target}")
+
+
+@app.command()
+def export(
+    neurons: Path = typer.Argument(..., help="Neuron map file or run directory."),
+    format: str = typer.Option("lape", "--format", help="lape: List[K][L] of sorted LongTensors (torch.save)."),
+    classes: str = typer.Option("specific,related", help="Comma list of specific,related,general, or 'selected'."),
+    out: Path = typer.Option(..., help="File to write, e.g. mask.pt."),
+) -> None:
+    """Export a neuron map to the published mask format."""
+    from ..neurons import NeuronMap, save_lape, to_lape
+
+    if format != "lape":
+        raise LangNeuronsError(f"unknown --format {format!r}; the only export format is 'lape'")
+    nmap = NeuronMap.load(neurons)
+    masks = to_lape(nmap, classes)
+    save_lape(nmap, classes, out)
+    counts = ", ".join(f"{lang}:{sum(int(t.numel()) for t in m)}" for lang, m in zip(nmap.languages, masks))
+    typer.echo(f"wrote {out} ({classes}; {counts})")
+
+
+@app.command("import-neurons")
+def import_neurons(
+    mask: Path = typer.Argument(..., help="A LAPE-format neuron file (List[K][L] of index tensors)."),
+    langs: str = typer.Option(..., help="The file's languages, in its order (comma list)."),
+    num_neurons: int = typer.Option(..., "--num-neurons", help="Neurons per layer of the model."),
+    model: str = typer.Option("", help="Model id to note in the metadata."),
+    out: Path = typer.Option(..., help="Neuron map to write (a directory gets neurons.safetensors)."),
+) -> None:
+    """Import a published neuron list (e.g. LAPE's *.neuron.pth) into a neuron map."""
+    from ..identify import format_summary
+    from ..neurons import load_lape
+
+    languages = split_list(langs)
+    if not languages:
+        raise LangNeuronsError("--langs must list the file's languages in order, e.g. en,zh,fr")
+    nmap = load_lape(mask, languages, num_neurons, {"model": model or None})
+    target = _neurons_file(out)
+    nmap.save(target)
+    typer.echo(format_summary(nmap))
+    typer.echo(f"wrote {target}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
@@ -96,13 +97,29 @@ def default_corpus_path() -> Path:
 
 
 def _read_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
+    """The file's lines, split on ``\n`` only (CRLF tolerated, a UTF-8 BOM dropped).
+
+    ``str.splitlines`` would also split on U+2028, U+0085, form feeds etc., which may occur
+    inside a document or a JSON string: it would cut documents apart and make line numbers
+    in error messages disagree with every editor's.
+    """
     try:
-        return data.decode("utf-8").splitlines()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                           "re-encode the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def read_text_file(path: Path, lang: str, doc_sep: DocSep = "line") -> list[Example]:
@@ -126,28 +143,76 @@ def read_text_file(path: Path, lang: str, doc_sep: DocSep = "line") -> list[Exam
     return out
 
 
-def _record_to_example(rec: dict, cols: ColumnMap, default_lang: str | None, where: str) -> Example:
+#: what a language label must look like: a code such as en, zh-Hans, pt_BR or eng_Latn. It
+#: names the stats file of the language, and a value with spaces or another script is almost
+#: always a text column mapped onto the language column by mistake.
+LANG_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,34}")
+
+
+def check_lang_code(lang: str, where: str, column: str = "lang") -> str:
+    if not LANG_CODE.fullmatch(lang):
+        shown = lang if len(lang) <= 24 else lang[:24] + "..."
+        raise CorpusError(f"{where}: {column!r} value {shown!r} is not a language code (like en, zh-Hans or "
+                          "eng_Latn); are the columns mixed up? map them with --lang-column/--text-column")
+    return lang
+
+
+def _check_unicode(value: str, where: str, column: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON escapes such as "\ud800" decode to lone surrogates
+        raise CorpusError(f"{where}: {column!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
+                          f"{exc.start}); it is not valid Unicode text, fix the file") from None
+    return value
+
+
+def _record_to_example(rec: dict, cols: ColumnMap, default_lang: str | None, where: str,
+                       prefer: Literal["text", "pair"] = "pair") -> Example:
+    """One JSON record -> Example. With ``prefer="text"`` a record holding the text column is
+    read as text even if it also has prompt/response columns (so ``--text-column prompt``
+    counts prompts); otherwise prompt/response columns make a pair."""
     if not isinstance(rec, dict):
         raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     lang = rec.get(cols.lang, default_lang)
     if lang is None or str(lang).strip() == "":
         raise CorpusError(f"{where}: no '{cols.lang}' field (columns present: {sorted(rec)}); "
                           "map the language column with --lang-column")
+    lang = check_lang_code(str(lang).strip(), where, cols.lang)
     rid = rec.get(cols.id)
     rid = None if rid is None else str(rid)
-    if cols.prompt in rec or cols.response in rec:
+    has_pair = cols.prompt in rec or cols.response in rec
+    if has_pair and not (prefer == "text" and cols.text in rec):
         prompt, response = rec.get(cols.prompt), rec.get(cols.response)
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            raise CorpusError(f"{where}: '{cols.prompt}' and '{cols.response}' must both be strings")
-        return Example(str(lang), prompt=prompt, response=response, id=rid, source=where)
+        for name, value in ((cols.prompt, prompt), (cols.response, response)):
+            if value is None:
+                other = cols.response if name == cols.prompt else cols.prompt
+                raise CorpusError(f"{where}: has '{other}' but no '{name}' (columns present: {sorted(rec)}); "
+                                  f"map it with --{'prompt' if name == cols.prompt else 'response'}-column")
+            if not isinstance(value, str):
+                raise CorpusError(f"{where}: '{name}' must be a string, got {type(value).__name__}")
+            _check_unicode(value, where, name)
+        return Example(lang, prompt=prompt, response=response, id=rid, source=where)
     text = rec.get(cols.text)
     if not isinstance(text, str):
-        raise CorpusError(f"{where}: no text column '{cols.text}' (columns present: {sorted(rec)}); "
+        got = "" if text is None else f" ('{cols.text}' is a {type(text).__name__})"
+        raise CorpusError(f"{where}: no text column '{cols.text}'{got} (columns present: {sorted(rec)}); "
                           "map it with --text-column, or give 'prompt' and 'response'")
-    return Example(str(lang), text=text, id=rid, source=where)
+    return Example(lang, text=_check_unicode(text, where, cols.text), id=rid, source=where)
 
 
-def read_jsonl(path: Path, cols: ColumnMap = ColumnMap(), default_lang: str | None = None) -> list[Example]:
+def _check_one_kind(examples: Sequence[Example], what: str) -> None:
+    """Texts and prompt/response pairs mixed in one language would be counted differently
+    (the response scope needs pairs): almost always a column mix-up, so refuse it."""
+    kinds = {ex.is_pair for ex in examples}
+    if len(kinds) > 1:
+        first_text = next(ex for ex in examples if not ex.is_pair)
+        first_pair = next(ex for ex in examples if ex.is_pair)
+        raise CorpusError(f"{what} mixes plain texts ({first_text.source or 'a record'}) and prompt/response pairs "
+                          f"({first_pair.source or 'a record'}); give each language one kind of record")
+
+
+def read_jsonl(path: Path, cols: ColumnMap = ColumnMap(), default_lang: str | None = None,
+               prefer: Literal["text", "pair"] = "pair") -> list[Example]:
     out = []
     for i, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -155,12 +220,15 @@ def read_jsonl(path: Path, cols: ColumnMap = ColumnMap(), default_lang: str | No
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
-        out.append(_record_to_example(rec, cols, default_lang, f"{path}:{i}"))
+            raise CorpusError(f"{path}:{i}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise CorpusError(f"{path}:{i}: JSON nested too deeply") from None
+        out.append(_record_to_example(rec, cols, default_lang, f"{path}:{i}", prefer))
     return out
 
 
-def read_hf_dataset(path: Path, cols: ColumnMap = ColumnMap(), split: str | None = None) -> list[Example]:
+def read_hf_dataset(path: Path, cols: ColumnMap = ColumnMap(), split: str | None = None,
+                    prefer: Literal["text", "pair"] = "pair") -> list[Example]:
     try:
         import datasets
     except ImportError:
@@ -174,12 +242,13 @@ def read_hf_dataset(path: Path, cols: ColumnMap = ColumnMap(), split: str | None
             raise CorpusError(f"{path}: no split {split!r} (has {names})")
         ds = ds[split]
     columns = set(ds.column_names)
-    wanted = [cols.lang] + ([cols.prompt, cols.response] if cols.prompt in columns else [cols.text])
+    as_pairs = (cols.prompt in columns or cols.response in columns) and not (prefer == "text" and cols.text in columns)
+    wanted = [cols.lang] + ([cols.prompt, cols.response] if as_pairs else [cols.text])
     missing = [c for c in wanted if c not in columns]
     if missing:
         raise CorpusError(f"{path}: unknown column(s) {missing}; the dataset has {sorted(columns)} "
                           "(map them with --lang-column/--text-column/--prompt-column/--response-column)")
-    return [_record_to_example(rec, cols, None, f"{path}[{i}]") for i, rec in enumerate(ds)]
+    return [_record_to_example(rec, cols, None, f"{path}[{i}]", prefer) for i, rec in enumerate(ds)]
 
 
 def _group(examples: Iterable[Example]) -> dict[str, list[Example]]:
@@ -202,13 +271,14 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
         if kind == "qa" and not (p / "qa").is_dir():
             raise CorpusError(f"{p} has no qa/ directory of prompt/response pairs")
         p = p / sub
+    prefer: Literal["text", "pair"] = "text" if kind == "text" else "pair"
     if p.is_file():
         if p.suffix != ".jsonl":
             raise CorpusError(f"{p}: a single corpus file must be .jsonl with a '{columns.lang}' column; "
                               "for plain text use a directory of <lang>.txt files")
-        by_lang = _group(read_jsonl(p, columns))
+        by_lang = _group(read_jsonl(p, columns, prefer=prefer))
     elif (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
-        by_lang = _group(read_hf_dataset(p, columns, split))
+        by_lang = _group(read_hf_dataset(p, columns, split, prefer))
     else:
         by_lang = {}
         files = sorted(x for x in p.iterdir() if x.suffix in (".txt", ".jsonl") and not x.name.startswith("."))
@@ -217,16 +287,20 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
         for f in files:
             if langs and f.stem not in langs:
                 continue
-            exs = read_text_file(f, f.stem, doc_sep) if f.suffix == ".txt" else read_jsonl(f, columns, f.stem)
+            exs = read_text_file(f, f.stem, doc_sep) if f.suffix == ".txt" else read_jsonl(f, columns, f.stem, prefer)
             for ex in exs:
                 if ex.lang != f.stem:
                     raise CorpusError(f"{ex.source}: language {ex.lang!r} inside the file for {f.stem!r}")
             by_lang.setdefault(f.stem, []).extend(exs)
     corpus = Corpus(by_lang, str(p))
     corpus = corpus.select(langs) if langs else corpus
+    if not corpus.by_lang:
+        raise CorpusError(f"corpus {p} is empty: it holds no documents")
     for lang, exs in corpus.by_lang.items():
         if not exs:
             raise CorpusError(f"language {lang!r} has no documents in {p}")
-    if not corpus.by_lang:
-        raise CorpusError(f"corpus {p} is empty")
+        _check_one_kind(exs, f"language {lang!r} of {p}")
+        if kind == "qa" and not exs[0].is_pair:
+            raise CorpusError(f"{exs[0].source or p}: the 'response' scope needs prompt/response pairs, but language "
+                              f"{lang!r} holds plain texts; map --prompt-column/--response-column or use --scope all")
     return corpus

@@ -22,30 +22,41 @@ Design choices (see docs/pitfalls.md for why each one matters):
   after the last flushed batch without double counting.
 * **Data parallel.** Under ``torchrun``/``accelerate launch`` each rank counts a
   deterministic shard (example i goes to rank i mod world size) and one
-  ``all_reduce(SUM)`` per language combines the counts; rank 0 writes.
+  ``all_reduce(SUM)`` per language combines the counts; rank 0 decides which languages are
+  finished (broadcast to all ranks) and is the only writer; every rank flushes its own
+  partial file. See `distributed` and docs/scaling.md.
+* **Bounded memory.** Besides the model, counting holds O(L·N) numbers per language and
+  handles a batch's activations in chunks of `CHUNK_ELEMENTS` (docs/scaling.md has the formula).
+* **Long sequences are truncated** to the model's context (or ``max_length``) with a warning,
+  not windowed: a window would restart the context mid-document.
+* **Bad input is refused**: a language whose examples all tokenize to nothing is an error
+  (never a zero-token stats file); a damaged partial file is warned about and its language
+  starts over; a damaged stats file stops the run, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .arch import ActivationSites, body_of, locate_activations
 from .corpus import Corpus, Example
 from .errors import CorpusError, LangNeuronsError, StatsError
 from .runs import RunDir
-from .stats import ActivationStats, LanguageStats
+from .stats import ActivationStats, LanguageStats, read_manifest_checked
 
 log = logging.getLogger(__name__)
 Scope = Literal["all", "response"]
@@ -113,6 +124,11 @@ def encode_example(tokenizer: Any, ex: Example, cfg: RecordConfig, max_length: i
     return Encoded(ids, counted), truncated
 
 
+#: activations handled at once by the counting hook (rows x neurons); the hook's transient memory
+#: is at most CHUNK_ELEMENTS * (dtype bytes + 17) bytes, about 300 MB.
+CHUNK_ELEMENTS = 1 << 24
+
+
 class _Counter:
     """Forward hooks that add per-layer counts of the masked tokens (kept on each layer's device)."""
 
@@ -138,17 +154,24 @@ class _Counter:
         idx = self._index_on.get(dev)
         if idx is None:
             idx = self._index_on[dev] = self.flat_index.to(dev)
-        acts = out.reshape(-1, out.shape[-1]).index_select(0, idx)
-        pos = (acts > 0).sum(0)
+        width = out.shape[-1]
+        flat = out.reshape(-1, width)
         if self.positive[layer] is None:
-            self.positive[layer] = torch.zeros(out.shape[-1], dtype=torch.int64, device=dev)
+            self.positive[layer] = torch.zeros(width, dtype=torch.int64, device=dev)
             if self.keep_sums:
-                self.sums[layer] = torch.zeros(out.shape[-1], dtype=torch.float64, device=dev)
-        self.positive[layer] += pos  # type: ignore[operator]
-        if self.keep_sums:
-            self.sums[layer] += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
+                self.sums[layer] = torch.zeros(width, dtype=torch.float64, device=dev)
+        positive, sums = self.positive[layer], self.sums[layer]
+        # In chunks of counted rows: (acts > 0).sum() and sum(dtype=float64) materialise int64 /
+        # float64 copies of their input, 8 bytes per element; for a 70B model's batch of 32k
+        # tokens x 28,672 neurons that would be 7.5 GB per layer. Chunks bound it (docs/scaling.md).
+        rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+        for part in idx.split(rows):
+            acts = flat.index_select(0, part)
+            positive += (acts > 0).sum(0)  # type: ignore[operator]
+            if self.keep_sums:
+                sums += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
         self.fired[layer] += 1
-        self.counted_rows[layer] += int(acts.shape[0])
+        self.counted_rows[layer] += int(idx.numel())
         return None
 
     def collect(self, num_neurons: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,9 +187,16 @@ class _Counter:
 
 
 def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return distributed.rank_world()
+
+
+def _context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class Recorder:
@@ -186,12 +216,29 @@ class Recorder:
         if pad is None:
             raise LangNeuronsError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         self.pad_id = int(pad)
-        ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        ctx = _context_length(model)
+        if self.config.max_length is not None:
+            if self.config.max_length < 1:
+                raise LangNeuronsError(f"--max-length must be >= 1, got {self.config.max_length}")
+            if ctx is not None and self.config.max_length > ctx:
+                # Learned position embeddings would index out of range (a deep IndexError);
+                # rotary ones would run, but on positions the model never saw in training.
+                raise LangNeuronsError(f"--max-length {self.config.max_length} exceeds the model's context of "
+                                       f"{ctx} tokens; pass --max-length {ctx} or less")
+        if self.config.flush_every < 0:
+            raise LangNeuronsError(f"--flush-every must be >= 0, got {self.config.flush_every}")
+        # Longer sequences are truncated (warned), not windowed: a window would restart the
+        # context mid-document and count tokens in a state the model never sees in use.
         self.max_length = int(self.config.max_length or ctx or 4096)
 
     # -- preparation -----------------------------------------------------------------------
-    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
+    def encode(self, examples: Sequence[Example], lang: str = "") -> list[Encoded]:
+        """Tokenise, drop examples without a counted token, apply the token budget, then
+        keep this shard's / this rank's share. Every rank encodes the whole language, so
+        the budget and the shard assignment (example j -> rank j mod world) agree across
+        ranks and equal a single-process run."""
         cfg = self.config
+        rank, world = _dist()
         encoded: list[Encoded] = []
         truncated = empty = 0
         budget = cfg.max_tokens_per_lang
@@ -207,17 +254,22 @@ class Recorder:
             total += n
             if budget is not None and total >= budget:
                 break
-        if truncated:
-            warnings.warn(f"{truncated} example(s) were longer than {self.max_length} tokens and were "
-                          "truncated (pass --max-length to change the limit)", stacklevel=2)
-        if empty:
-            what = "responses" if cfg.scope == "response" else "texts"
-            warnings.warn(f"{empty} example(s) had {what} that tokenize to no counted token and were skipped",
-                          stacklevel=2)
+        where = f"{lang}: " if lang else ""
+        what = "responses" if cfg.scope == "response" else "texts"
+        if not encoded:
+            raise CorpusError(f"{where}none of its {len(examples)} example(s) has a token to count (the {what} "
+                              "tokenize to nothing); give that language real text or drop it with --langs")
+        if rank == 0:  # every rank sees the same examples: warn once
+            if truncated:
+                warnings.warn(f"{where}{truncated} example(s) were longer than {self.max_length} tokens and were "
+                              "truncated to their first tokens (pass --max-length to change the limit)",
+                              stacklevel=2)
+            if empty:
+                warnings.warn(f"{where}{empty} example(s) had {what} that tokenize to no counted token and "
+                              "were skipped", stacklevel=2)
         if cfg.shard is not None:
             i, n = cfg.shard
             encoded = [e for j, e in enumerate(encoded) if j % n == i]
-        rank, world = _dist()
         if world > 1:
             encoded = [e for j, e in enumerate(encoded) if j % world == rank]
         return encoded
@@ -243,23 +295,25 @@ class Recorder:
     # -- counting --------------------------------------------------------------------------
     def count(self, examples: Sequence[Example], *, lang: str = "", partial: Path | None = None,
               progress: bool = True) -> LanguageStats:
-        """Count one language's examples. ``partial`` enables flush/resume inside the language."""
-        encoded = self.encode(examples)
+        """Count one language's examples. ``partial`` enables flush/resume inside the language.
+
+        Under an initialised process group each rank counts its share and the result is the
+        sum over all ranks (identical on every rank). ``partial`` must then name a file of
+        this rank's own (`record` appends ``.rank<r>``): ranks flush at different moments.
+        """
+        encoded = self.encode(examples, lang)
         batches = self.batches(encoded)
         counter = _Counter(self.sites, self.config.keep_sums)
         N = self.sites.num_neurons
-        start_batch, tokens = 0, 0
-        base_pos, base_sums = None, None
         state_key = self._partial_key(encoded)
+        start_batch, tokens, base_pos, base_sums = 0, 0, None, None
         if partial is not None and partial.exists():
-            try:
-                prev = LanguageStats.load(partial)
-                if prev.meta.get("partial_key") == state_key:
-                    start_batch, tokens = int(prev.meta["batches_done"]), prev.tokens
-                    base_pos, base_sums = prev.positive, prev.sums
-                    log.info("%s: resuming after batch %d (%d tokens)", lang, start_batch, tokens)
-            except StatsError:
-                log.warning("%s: ignoring unreadable partial file %s", lang, partial)
+            resumed = self._read_partial(partial, lang, state_key, len(batches))
+            if resumed is not None:
+                start_batch, tokens = int(resumed.meta["batches_done"]), resumed.tokens
+                base_pos, base_sums = resumed.positive, resumed.sums
+                log.info("%s: resuming after batch %d of %d (%d tokens) from %s", lang or "counts", start_batch,
+                         len(batches), tokens, partial)
         handles = self.sites.add_hooks(counter)
         total_tokens = sum(sum(e.counted) for e in encoded)
         bar = _progress(total_tokens, lang, progress)
@@ -276,7 +330,7 @@ class Recorder:
                     self._verify(counter, n)
                     tokens += n
                     bar.update(n)
-                    bar.set_postfix_str(f"{(tokens) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+                    bar.set_postfix_str(f"{(tokens) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
                     if partial is not None and self.config.flush_every and (bi + 1) % self.config.flush_every == 0 \
                             and bi + 1 < len(batches):
                         pos, sums = counter.collect(N)
@@ -293,13 +347,41 @@ class Recorder:
         pos, sums, tokens = self._all_reduce(pos, sums, tokens)
         return LanguageStats(lang, pos, tokens, sums, {})
 
+    def _read_partial(self, partial: Path, lang: str, key: str, num_batches: int) -> LanguageStats | None:
+        """The flushed counts to resume from, or None (with a warning naming the file) when
+        they are unreadable, corrupt or were made with other settings: that language then
+        starts over -- a partial file is never half-trusted."""
+        try:
+            prev = LanguageStats.load(partial)
+        except StatsError as exc:
+            warnings.warn(f"{lang or 'counts'}: ignoring partial counts that cannot be used ({exc}); "
+                          "starting this language over", stacklevel=3)
+            return None
+        done = prev.meta.get("batches_done")
+        L, N = self.sites.num_layers, self.sites.num_neurons
+        if prev.meta.get("partial_key") != key:
+            warnings.warn(f"{lang or 'counts'}: partial counts in {partial} were made with other settings "
+                          "(batch size, shard, number of processes, corpus or options); starting this language over",
+                          stacklevel=3)
+            return None
+        if not isinstance(done, int) or not 0 < done < num_batches or prev.shape != (L, N) \
+                or (self.config.keep_sums and prev.sums is None):
+            warnings.warn(f"{lang or 'counts'}: partial counts in {partial} are inconsistent (batches_done={done!r}, "
+                          f"shape {prev.shape}); starting this language over", stacklevel=3)
+            return None
+        return prev
+
     def _partial_key(self, encoded: Sequence[Encoded]) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(self.config.fingerprint_fields(), sort_keys=True, default=str).encode())
         h.update(str(self.config.batch_size).encode())
+        rank, world = _dist()
+        h.update(f"rank {rank}/{world}".encode())
+        h.update(f"layers {self.sites.num_layers} x {self.sites.num_neurons}".encode())
         for e in encoded:
             h.update(str(len(e.input_ids)).encode())
             h.update(bytes(e.counted))
+            h.update(json.dumps(e.input_ids).encode())
         return h.hexdigest()[:16]
 
     def _flush(self, partial: Path, lang: str, base_pos: torch.Tensor | None, base_sums: torch.Tensor | None,
@@ -308,7 +390,8 @@ class Recorder:
             pos = pos + base_pos
             if sums is not None and base_sums is not None:
                 sums = sums + base_sums
-        LanguageStats(lang, pos, tokens, sums, {"partial_key": key, "batches_done": batches_done}).save(partial)
+        with _writing(partial):
+            LanguageStats(lang, pos, tokens, sums, {"partial_key": key, "batches_done": batches_done}).save(partial)
 
     def _verify(self, counter: _Counter, n: int) -> None:
         bad = [layer for layer, f in enumerate(counter.fired) if f != 1]
@@ -324,27 +407,29 @@ class Recorder:
 
     def _all_reduce(self, pos: torch.Tensor, sums: torch.Tensor | None, tokens: int
                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """One SUM reduction of the int64 counts (tokens packed in front of ``positive``) and
+        one of the float64 sums: exact for the counts, whatever the number of ranks."""
         rank, world = _dist()
         if world == 1:
             return pos, sums, tokens
-        dist = torch.distributed
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([tokens], dtype=torch.int64, device=dev)
-        p = pos.to(dev)
-        dist.all_reduce(t)
-        dist.all_reduce(p)
-        if sums is not None:
-            s = sums.to(dev)
-            dist.all_reduce(s)
-            sums = s.cpu()
-        return p.cpu(), sums, int(t.item())
+        packed = torch.cat([torch.tensor([tokens], dtype=torch.int64), pos.reshape(-1).to(torch.int64)])
+        tensors = [packed] + ([sums.to(torch.float64)] if sums is not None else [])
+        reduced = distributed.all_reduce_sum(tensors)
+        total = int(reduced[0][0])
+        pos = reduced[0][1:].reshape(pos.shape)
+        return pos, (reduced[1] if sums is not None else None), total
 
 
 def _progress(total: int, lang: str, enabled: bool) -> Any:
+    import sys
+
     from tqdm.auto import tqdm
 
+    # In a batch job's log file (no terminal) a bar redrawn 10 times a second buries
+    # everything else: redraw every 30 s there.
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, desc=f"record {lang}", unit="tok", unit_scale=True, disable=not enabled,
-                leave=False, dynamic_ncols=True)
+                leave=False, dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
 
 
 def versions() -> dict[str, str]:
@@ -354,10 +439,24 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _in_memory_fingerprint(model: nn.Module) -> str:
+    """Identity of a model given as an object (no files to hash): its config plus a sample of
+    its weights. The config alone would call two fine-tunes of one base model (or two random
+    inits) the same model, and their counts would be merged or resumed into each other."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    params = [(name, p) for name, p in model.named_parameters() if p.device.type != "meta"]
+    step = max(len(params) // 8, 1)
+    with torch.no_grad():
+        for name, p in params[::step]:
+            h.update(name.encode())
+            h.update(p.detach().reshape(-1)[:1024].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_meta(model: nn.Module, sites: ActivationSites, model_id: str, fingerprint: str | None = None) -> dict:
     cfg = model.config
     if fingerprint is None:
-        fingerprint = hashlib.sha256(cfg.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+        fingerprint = _in_memory_fingerprint(model)
     dtype = next(model.parameters()).dtype
     return {
         "model": model_id,
@@ -375,11 +474,16 @@ def model_meta(model: nn.Module, sites: ActivationSites, model_id: str, fingerpr
 def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, config: RecordConfig | None = None,
            *, model_id: str = "", model_fingerprint: str | None = None, force: bool = False,
            progress: bool = True) -> ActivationStats:
-    """Record every language of ``corpus`` into the run directory ``out`` (resumable)."""
+    """Record every language of ``corpus`` into the run directory ``out`` (resumable).
+
+    Data parallel when launched by torchrun/accelerate (see `distributed`): every rank calls
+    this with the same arguments; rank 0 decides which languages are finished and is the
+    only writer; every rank returns the same (all-reduced) stats.
+    """
     config = config or RecordConfig()
     recorder = Recorder(model, tokenizer, config)
     run = RunDir(out)
-    rank, world = _dist()
+    rank, world = distributed.init_from_env(str(recorder.device))
     base_meta = {
         **model_meta(model, recorder.sites, model_id or getattr(model.config, "_name_or_path", ""), model_fingerprint),
         "scope": config.scope,
@@ -390,46 +494,109 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
         "seed": config.seed,
     }
     torch.manual_seed(config.seed)
-    if rank == 0:
-        manifest = run.read_manifest()
+
+    def check_run_dir() -> None:
+        if run.path.exists() and not run.path.is_dir():
+            raise StatsError(f"--out {out} is a file, not a run directory; give a directory")
+        manifest = read_manifest_checked(run)
         old_model = manifest.get("model", {}).get("model_fingerprint") if isinstance(manifest.get("model"), dict) else None
         if old_model and old_model != base_meta["model_fingerprint"] and not force:
             raise StatsError(f"{out} holds a run of another model ({manifest['model'].get('model')}); "
                              "use another --out or --force")
+
+    distributed.agree(check_run_dir)
     parts: list[LanguageStats] = []
     for lang in corpus.languages:
         path = run.stats_path(lang)
         meta = dict(base_meta, corpus_fingerprint=corpus.fingerprint(lang), corpus=corpus.source)
-        if path.exists() and not force:
+
+        def finished(path: Path = path, meta: dict = meta) -> LanguageStats | None:
+            """Rank 0: the stats already written for this language, if they can be re-used."""
+            if not path.exists() or force:
+                return None
             try:
-                prev = LanguageStats.load(path, run.read_manifest().get("checksums", {}).get(f"stats/{lang}.safetensors"))
+                checksums = read_manifest_checked(run).get("checksums", {})
+                prev = LanguageStats.load(path, checksums.get(f"stats/{path.stem}.safetensors"))
             except StatsError as exc:
                 raise StatsError(f"{exc} (or pass --force to record everything again)") from None
-            same = all(prev.meta.get(k) == meta.get(k) for k in
-                       ("model_fingerprint", "scope", "include_special", "record_config", "corpus_fingerprint", "dtype",
-                        "shard"))
-            if same:
-                log.info("%s: already recorded (%d tokens), skipping", lang, prev.tokens)
-                parts.append(prev)
-                continue
+            if all(prev.meta.get(k) == meta.get(k) for k in _RESUME_KEYS):
+                return prev
             raise StatsError(f"{path} was recorded with other settings (model, scope, corpus or options); "
                              "use another --out, or --force to overwrite")
+
+        # Every rank must take the same branch, or the others would wait forever in all_reduce.
+        prev = distributed.agree(finished)
         partial = run.stats_dir / ".partial" / f"{lang}{'' if world == 1 else f'.rank{rank}'}.safetensors"
+        if prev is not None:
+            log.info("%s: already recorded (%d tokens), skipping", lang, prev.tokens)
+            partial.unlink(missing_ok=True)  # left behind by a rank that died after rank 0 wrote
+            if rank == 0:
+                _remove_partials(run.stats_dir, lang)
+            parts.append(prev)
+            continue
         stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
         stats.meta = meta
         if rank == 0:
-            run.write_language_stats(stats)
+            with _writing(run.stats_path(lang)):
+                run.write_language_stats(stats)
+        # Partial counts go only once the language is on disk: a crash before this point
+        # resumes from them, after it the language is skipped.
+        distributed.barrier()
         partial.unlink(missing_ok=True)
+        if rank == 0:  # also those of an earlier run with another number of processes
+            _remove_partials(run.stats_dir, lang)
         parts.append(stats)
     result = ActivationStats.stack(parts)
     if rank == 0:
-        run.update_manifest({
-            "languages": list(corpus.languages),
-            "model": {k: base_meta[k] for k in ("model", "model_fingerprint", "architecture", "family", "hook_point",
-                                                "num_layers", "num_neurons", "dtype", "revision")},
-            "record": {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
-                       "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
-                       "shard": base_meta["shard"]},
-            "versions": base_meta["versions"],
-        })
+        with _writing(run.manifest_path):
+            run.update_manifest({
+                "languages": list(corpus.languages),
+                "model": {k: base_meta[k] for k in ("model", "model_fingerprint", "architecture", "family", "hook_point",
+                                                    "num_layers", "num_neurons", "dtype", "revision")},
+                "record": {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
+                           "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
+                           "shard": base_meta["shard"], "processes": world},
+                "versions": base_meta["versions"],
+            })
+    distributed.barrier()
+    if rank == 0:  # every rank is done writing: clear what killed runs left behind
+        _remove_leftovers(run.stats_dir)
     return result
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk or a read-only directory is one line, not a traceback: finished languages
+    are kept and a rerun resumes."""
+    try:
+        yield
+    except OSError as exc:
+        raise StatsError(f"cannot write {path} ({exc.strerror or exc}); check free space and permissions, "
+                         "then run again to resume") from None
+
+
+def _remove_partials(stats_dir: Path, lang: str) -> None:
+    partial_dir = stats_dir / ".partial"
+    if partial_dir.is_dir():
+        for f in [partial_dir / f"{lang}.safetensors", *partial_dir.glob(f"{glob.escape(lang)}.rank*.safetensors")]:
+            f.unlink(missing_ok=True)
+
+
+def _remove_leftovers(stats_dir: Path) -> None:
+    """Temporary files of writes that a SIGKILL interrupted (atomic_write's ``.<name>.*.tmp``),
+    and the empty partial directory. Only record writes under stats/, so this is safe."""
+    partial_dir = stats_dir / ".partial"
+    for d in (stats_dir, partial_dir):
+        if d.is_dir():
+            for tmp in d.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+    try:
+        if partial_dir.is_dir() and not any(partial_dir.iterdir()):
+            partial_dir.rmdir()
+    except OSError:
+        pass
+
+
+#: metadata that must match for a finished language to be re-used by a resumed run
+_RESUME_KEYS = ("model_fingerprint", "scope", "include_special", "record_config", "corpus_fingerprint", "dtype",
+                "shard")

@@ -71,9 +71,12 @@ class RunDir:
         if not self.manifest_path.exists():
             return {}
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise StatsError(f"{self.manifest_path} is not valid JSON ({exc}); restore or delete it") from None
+        if not isinstance(manifest, dict):
+            raise StatsError(f"{self.manifest_path} is not a JSON object; restore or delete it")
+        return manifest
 
     def update_manifest(self, updates: dict[str, Any]) -> dict[str, Any]:
         """Merge ``updates`` into manifest.json (top-level keys; dicts are merged one level)."""

@@ -31,6 +31,19 @@ from .runs import RunDir
 #: metadata keys that must agree for two stats to be merged or stacked
 COMPAT_KEYS = ("model_fingerprint", "scope", "hook_point", "include_special", "dtype")
 FEW_TOKENS = 1000
+#: safetensors metadata key holding the sha256 of a stats file's tensors and metadata
+CONTENT_HASH_KEY = "langneurons_sha256"
+
+
+def _content_sha256(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @dataclass
@@ -54,10 +67,19 @@ class LanguageStats:
             tensors["sum"] = self.sums.to(torch.float64).contiguous().cpu()
         meta = dict(self.meta, lang=self.lang, tokens=int(self.tokens))
         blob = {"langneurons": json.dumps(meta, ensure_ascii=False, default=str)}
+        # The file carries a hash of its own content, so a stats file copied without its
+        # manifest (a shard moved between machines, a partial flush) still proves it is whole.
+        blob[CONTENT_HASH_KEY] = _content_sha256(tensors, blob["langneurons"])
         return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=blob))
 
     @classmethod
     def load(cls, path: str | Path, expected_sha256: str | None = None) -> "LanguageStats":
+        """Read one stats file; any sign of damage is a `StatsError` naming the file.
+
+        Checked: the sha256 recorded in manifest.json (``expected_sha256``), the safetensors
+        structure (truncation), the file's own content hash, its JSON metadata, and the
+        counts' consistency (`validate`).
+        """
         path = Path(path)
         if not path.is_file():
             raise StatsError(f"stats file {path} does not exist; run `langneurons record` first")
@@ -65,20 +87,33 @@ class LanguageStats:
             raise StatsError(f"stats file {path} is corrupt (checksum differs from manifest.json); "
                              "delete it and record that language again")
         try:
-            tensors = load_file(str(path))
             from safetensors import safe_open
 
+            tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as fh:
-                raw = (fh.metadata() or {}).get("langneurons", "{}")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise StatsError(f"stats file {path} is unreadable or truncated ({exc}); "
+                header = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StatsError(f"stats file {path} is unreadable or truncated ({first}); "
                              "delete it and record that language again") from None
-        meta = json.loads(raw)
-        if "positive" not in tensors or "tokens" not in tensors:
+        raw = header.get("langneurons", "{}")
+        expected = header.get(CONTENT_HASH_KEY)
+        if expected is not None and _content_sha256(tensors, raw) != expected:
+            raise StatsError(f"stats file {path} is corrupt (its content hash does not match); "
+                             "delete it and record that language again")
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise StatsError(f"stats file {path} has unreadable metadata; delete it and record that language again")
+        if "positive" not in tensors or "tokens" not in tensors or tensors["tokens"].numel() != 1:
             raise StatsError(f"stats file {path} lacks 'positive'/'tokens' tensors")
         lang = meta.get("lang", path.stem)
-        return cls(lang=lang, positive=tensors["positive"].to(torch.int64),
-                   tokens=int(tensors["tokens"].item()), sums=tensors.get("sum"), meta=meta)
+        out = cls(lang=lang, positive=tensors["positive"].to(torch.int64),
+                  tokens=int(tensors["tokens"].item()), sums=tensors.get("sum"), meta=meta)
+        out.validate(f"stats file {path}")
+        return out
 
     def validate(self, where: str = "") -> None:
         where = where or self.lang
@@ -91,6 +126,9 @@ class LanguageStats:
         if (self.positive > self.tokens).any():
             raise StatsError(f"{where}: some neuron is positive on more tokens ({int(self.positive.max())}) "
                              f"than were counted ({self.tokens}); the stats are inconsistent")
+        if self.sums is not None and tuple(self.sums.shape) != tuple(self.positive.shape):
+            raise StatsError(f"{where}: 'sum' has shape {tuple(self.sums.shape)} but 'positive' has "
+                             f"{tuple(self.positive.shape)}; the stats are inconsistent")
         if self.sums is not None and torch.isnan(self.sums).any():
             raise StatsError(f"{where}: activation sums contain NaN (overflow in a low-precision run?)")
 
@@ -221,66 +259,161 @@ class ActivationStats:
     @classmethod
     def load(cls, path: str | Path, langs: Sequence[str] | None = None) -> "ActivationStats":
         """Load from a run directory (uses manifest order) or a bare ``stats/`` directory."""
-        path = Path(path)
-        if not path.exists():
-            raise StatsError(f"{path} does not exist; give a run directory written by `langneurons record`")
-        run = RunDir(path if (path / "stats").is_dir() or (path / "manifest.json").exists() else path.parent)
-        stats_dir = path if path.name == "stats" and not (path / "stats").is_dir() else run.stats_dir
-        manifest = run.read_manifest()
-        order = list(langs) if langs else manifest.get("languages") or sorted(p.stem for p in stats_dir.glob("*.safetensors"))
-        if not order:
-            raise StatsError(f"no stats found under {stats_dir}; run `langneurons record` first")
-        checksums = manifest.get("checksums", {})
-        parts = [LanguageStats.load(stats_dir / f"{lang}.safetensors", checksums.get(f"stats/{lang}.safetensors"))
-                 for lang in order]
-        return cls.stack(parts)
+        return cls.stack(load_language_stats(path, langs))
+
+
+def read_manifest_checked(run: RunDir) -> dict[str, Any]:
+    """manifest.json as a dict, or a StatsError naming it (valid JSON of the wrong shape, e.g.
+    ``null`` from an interrupted editor, must not become an AttributeError deep inside)."""
+    manifest = run.read_manifest()
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("checksums", {}), dict) \
+            or not isinstance(manifest.get("languages", []), list):
+        raise StatsError(f"{run.manifest_path} is damaged (not a manifest object); restore it, or delete it "
+                         "and record again")
+    return manifest
+
+
+def load_language_stats(path: str | Path, langs: Sequence[str] | None = None) -> list[LanguageStats]:
+    """Each language's stats of a run directory, with its own metadata (corpus fingerprint,
+    shard), checked against the checksums in manifest.json."""
+    path = Path(path)
+    if not path.exists():
+        raise StatsError(f"{path} does not exist; give a run directory written by `langneurons record`")
+    run = RunDir(path if (path / "stats").is_dir() or (path / "manifest.json").exists() else path.parent)
+    stats_dir = path if path.name == "stats" and not (path / "stats").is_dir() else run.stats_dir
+    manifest = read_manifest_checked(run)
+    order = list(langs) if langs else manifest.get("languages") or sorted(p.stem for p in stats_dir.glob("*.safetensors"))
+    if not order:
+        raise StatsError(f"no stats found under {stats_dir}; run `langneurons record` first")
+    checksums = manifest.get("checksums", {})
+    return [LanguageStats.load(stats_dir / f"{lang}.safetensors", checksums.get(f"stats/{lang}.safetensors"))
+            for lang in order]
 
 
 def merge_language_stats(parts: Iterable[LanguageStats]) -> LanguageStats:
+    """Add the counts of one language (exact; refuses different models, scopes or shapes)."""
     parts = list(parts)
+    if not parts:
+        raise StatsError("no language statistics to merge")
     out = parts[0]
     for p in parts[1:]:
         out = out + p
     return out
 
 
-def merge_runs(inputs: Sequence[str | Path], out: str | Path) -> ActivationStats:
-    """Add the counts of several runs/shards of the same model (``langneurons merge``)."""
-    loaded = [ActivationStats.load(p) for p in inputs]
-    langs: list[str] = []
-    for s in loaded:
-        langs += [x for x in s.languages if x not in langs]
-    merged: list[LanguageStats] = []
-    for lang in langs:
-        parts = [s.language(lang) for s in loaded if lang in s.languages]
-        merged.append(merge_language_stats(parts))
-    result = ActivationStats.stack(merged)
-    _check_shards(loaded, result)
-    result.save(out, extra_manifest={"merged_from": [str(p) for p in inputs]})
+def shard_coverage(meta: dict[str, Any]) -> tuple[int, frozenset[int]] | None:
+    """Which shards ``i/n`` of the corpus these counts cover: (n, {i, ...}), or None for a
+    whole corpus. Written by ``record --shard i/n`` (``shard``) and by `merge_runs`
+    (``shards`` + ``num_shards``)."""
+    shard = meta.get("shard")
+    if shard:
+        try:
+            i, n = (int(x) for x in str(shard).split("/"))
+        except ValueError:
+            raise StatsError(f"unreadable shard {shard!r} in the stats metadata; expected i/n") from None
+        return n, frozenset([i])
+    shards, n = meta.get("shards"), meta.get("num_shards")
+    if shards is not None and n is not None:
+        covered = frozenset(int(i) for i in _as_list(shards))
+        return None if covered == frozenset(range(int(n))) else (int(n), covered)
+    return None
+
+
+def _fmt_shards(idx: Iterable[int], n: int) -> str:
+    return ", ".join(f"{i}/{n}" for i in sorted(idx))
+
+
+def check_shards(lang: str, parts: Sequence[tuple[str, LanguageStats]]) -> dict[str, Any]:
+    """Refuse to count any example twice; warn when shards are missing.
+
+    Inputs of one language are grouped by corpus (``corpus_fingerprint``): counts of
+    *different* corpora simply add up, but within one corpus the inputs must be disjoint
+    shards of the same split (a repeated shard, a different n, or a whole-corpus run next to
+    anything else is an error); missing shards give a warning naming them. Returns the shard
+    metadata of the merged counts.
+    """
+    groups: dict[Any, list[tuple[str, LanguageStats, tuple[int, frozenset[int]] | None]]] = {}
+    for src, part in parts:
+        groups.setdefault(part.meta.get("corpus_fingerprint"), []).append((src, part, shard_coverage(part.meta)))
+    result: dict[str, Any] = {"shard": None}
+    for fp, members in groups.items():
+        whole = [src for src, _, cov in members if cov is None]
+        if whole and len(members) > 1 and fp is not None:
+            others = [src for src, _, _ in members if src != whole[0]] or whole[1:]
+            raise StatsError(f"{lang}: {whole[0]} already counts the whole corpus, and {others[0]} counts the same "
+                             "corpus again; merging would count its examples twice")
+        sharded = [(src, cov) for src, _, cov in members if cov is not None]
+        if not sharded:
+            continue
+        ns = sorted({n for _, (n, _) in sharded})
+        if len(ns) > 1:
+            raise StatsError(f"{lang}: shards of different splits given together (n = {', '.join(map(str, ns))}); "
+                             "merge shards of one --shard i/n split only")
+        n = ns[0]
+        owner: dict[int, str] = {}
+        for src, (_, idx) in sharded:
+            for i in sorted(idx):
+                if i in owner:
+                    raise StatsError(f"{lang}: shard {i}/{n} given twice ({owner[i]} and {src}); "
+                                     "each shard may be merged once")
+                owner[i] = src
+        missing = sorted(set(range(n)) - set(owner))
+        if missing:
+            warnings.warn(f"{lang}: merged shards {_fmt_shards(owner, n)} of {n}; missing {_fmt_shards(missing, n)}: "
+                          "the merge is incomplete (merge them in when they are done)", stacklevel=3)
+        if len(groups) == 1:
+            result.update(shards=sorted(owner), num_shards=n, shards_missing=missing)
+    if len(groups) > 1:
+        fps = sorted(str(fp) for fp in groups)
+        result["corpus_fingerprint"] = "+".join(fps)
     return result
 
 
-def _check_shards(loaded: Sequence[ActivationStats], result: ActivationStats) -> None:
-    """Shards declared as ``i/n`` must be disjoint, and complete when all are given."""
-    seen: dict[str, list[int]] = {}
-    total = None
-    for s in loaded:
-        shard = s.meta.get("shard")
-        if shard is None:
-            continue
-        i, n = (int(x) for x in str(shard).split("/"))
-        total = n if total is None else total
-        if n != total:
-            raise StatsError(f"shards of different splits given together ({shard} vs n={total})")
-        seen.setdefault("all", []).append(i)
-    if total is not None:
-        idx = seen["all"]
-        if len(idx) != len(set(idx)):
-            raise StatsError(f"shard indices repeat ({sorted(idx)}): the same shard was given twice")
-        result.meta["shard"] = None
-        result.meta["shards"] = sorted(idx)
-        if sorted(idx) != list(range(total)):
-            warnings.warn(f"merged shards {sorted(idx)} of {total}: the merge is incomplete", stacklevel=2)
+def merge_runs(inputs: Sequence[str | Path], out: str | Path) -> ActivationStats:
+    """Add the counts of several runs/shards of the same model (``langneurons merge``).
+
+    Checked before anything is written: same model, scope, dtype and shape (`check_compatible`),
+    and per language disjoint, complete shards (`check_shards`).
+    """
+    if not inputs:
+        raise StatsError("give at least one run directory to merge")
+    out = Path(out)
+    resolved = {Path(p).resolve() for p in inputs}
+    if out.resolve() in resolved:
+        raise StatsError(f"--out {out} is one of the inputs; write the merge to a new directory")
+    if out.exists() and not out.is_dir():
+        raise StatsError(f"--out {out} is a file, not a run directory; give a directory")
+    loaded = [(str(p), load_language_stats(p)) for p in inputs]
+    langs: list[str] = []
+    for _, parts in loaded:
+        langs += [x.lang for x in parts if x.lang not in langs]
+    merged: list[LanguageStats] = []
+    for lang in langs:
+        parts = [(src, x) for src, ps in loaded for x in ps if x.lang == lang]
+        total = merge_language_stats([x for _, x in parts])
+        meta = {k: v for k, v in total.meta.items() if k not in ("shard", "shards", "num_shards", "shards_missing")}
+        total.meta = {**meta, **check_shards(lang, parts)}
+        merged.append(total)
+    result = ActivationStats.stack(merged)
+    run = RunDir(out)
+    try:
+        for part in merged:
+            run.write_language_stats(part)
+    except OSError as exc:
+        raise StatsError(f"cannot write the merge to {out} ({exc.strerror or exc}); check free space and "
+                         "permissions") from None
+    first_manifest = read_manifest_checked(RunDir(inputs[0])) if Path(inputs[0]).is_dir() else {}
+    extra: dict[str, Any] = {"languages": list(result.languages), "merged_from": [str(p) for p in inputs],
+                             "record": {"scope": result.meta.get("scope"),
+                                        "tokens": dict(zip(result.languages, result.tokens.tolist())),
+                                        "shard": None,
+                                        "shards": {p.lang: p.meta.get("shards") for p in merged},
+                                        "shards_missing": {p.lang: p.meta.get("shards_missing") for p in merged
+                                                           if p.meta.get("shards_missing")}}}
+    if isinstance(first_manifest.get("model"), dict):
+        extra["model"] = first_manifest["model"]
+    run.update_manifest(extra)
+    return result
 
 
 # -- interop with the published formats ---------------------------------------------------

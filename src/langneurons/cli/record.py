@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +25,20 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
+
+
 def parse_max_memory(value: str | None) -> dict | None:
-    """'0=20GiB,1=20GiB,cpu=64GiB' -> accelerate's max_memory dict."""
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> accelerate's max_memory dict ({0: '20GiB', ...})."""
     if not value:
         return None
     out: dict = {}
     for item in value.split(","):
-        key, _, mem = item.partition("=")
-        if not mem:
-            raise LangNeuronsError(f"--max-memory items look like 0=20GiB or cpu=64GiB, got {item!r}")
-        out[int(key) if key.strip().isdigit() else key.strip()] = mem.strip()
+        key, _, mem = (x.strip() for x in item.partition("="))
+        if not key or not mem or not _MEMORY.fullmatch(mem) or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise LangNeuronsError(f"--max-memory items look like 0=20GiB (GPU 0), cpu=64GiB or disk=200GB, "
+                                   f"got {item.strip()!r}")
+        out[int(key) if key.isdigit() else key] = mem
     return out
 
 
@@ -62,7 +68,12 @@ def record(
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Record again even where stats exist."),
 ) -> None:
-    """Count, per language, how often each MLP neuron is positive."""
+    """Count, per language, how often each MLP neuron is positive.
+
+    Under torchrun / accelerate launch every process counts its share of each language and
+    rank 0 writes the sum (see docs/scaling.md).
+    """
+    from .. import distributed
     from ..corpus import ColumnMap, load_corpus
     from ..models import load_model
     from ..record import RecordConfig
@@ -72,19 +83,46 @@ def record(
         raise LangNeuronsError(f"--scope must be 'all' or 'response', got {scope!r}")
     if doc_sep not in ("line", "blank"):
         raise LangNeuronsError(f"--doc-sep must be 'line' or 'blank', got {doc_sep!r}")
-    cols = ColumnMap(lang=lang_column, text=text_column, prompt=prompt_column, response=response_column)
-    corp = load_corpus(corpus, split_list(langs), kind="qa" if scope == "response" else "text",
-                       doc_sep=doc_sep, columns=cols)  # type: ignore[arg-type]
-    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,
-                        max_memory=parse_max_memory(max_memory))
+    if batch_size < 1:
+        raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
+    if flush_every < 0:
+        raise LangNeuronsError(f"--flush-every must be >= 0 (0: flush only at the end of a language), got {flush_every}")
+    if max_tokens_per_lang is not None and max_tokens_per_lang < 1:
+        raise LangNeuronsError(f"--max-tokens-per-lang must be >= 1, got {max_tokens_per_lang}")
     cfg = RecordConfig(scope=scope, batch_size=batch_size, max_length=max_length,  # type: ignore[arg-type]
                        max_tokens_per_lang=max_tokens_per_lang, include_special=include_special, seed=seed,
                        act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard))
-    stats = do_record(loaded.model, loaded.tokenizer, corp, out, cfg, model_id=loaded.source,
-                      model_fingerprint=loaded.fingerprint, force=force)
-    for lang, n in zip(stats.languages, stats.tokens.tolist()):
-        typer.echo(f"{lang:>8}  {n:>10,} tokens")
-    typer.echo(f"wrote {out}/stats ({stats.num_layers} layers x {stats.num_neurons} neurons)")
+    memory = parse_max_memory(max_memory)
+    if out.exists() and not out.is_dir():
+        raise LangNeuronsError(f"--out {out} is a file, not a run directory; give a directory")
+    cols = ColumnMap(lang=lang_column, text=text_column, prompt=prompt_column, response=response_column)
+    corp = load_corpus(corpus, split_list(langs), kind="qa" if scope == "response" else "text",
+                       doc_sep=doc_sep, columns=cols)  # type: ignore[arg-type]
+    # Resuming and skipping languages are worth a line each (INFO is otherwise hidden).
+    logging.getLogger("langneurons.record").setLevel(logging.INFO)
+    started_group = distributed.env_world_size() > 1 and not distributed.rank_world()[1] > 1
+    rank, world = distributed.init_from_env(device)
+    try:
+        if world > 1:
+            if device_map is not None or memory is not None:
+                raise LangNeuronsError("--device-map/--max-memory spread ONE model over several GPUs, but under "
+                                       f"torchrun/accelerate each of the {world} processes holds its own copy; "
+                                       "use one process with --device-map auto, or drop them")
+            import torch
+
+            if device is None and torch.cuda.is_available():
+                device = f"cuda:{distributed.local_rank()}"
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=memory)
+        stats = do_record(loaded.model, loaded.tokenizer, corp, out, cfg, model_id=loaded.source,
+                          model_fingerprint=loaded.fingerprint, force=force, progress=rank == 0)
+    finally:
+        if started_group:
+            distributed.shutdown()
+    if rank == 0:
+        for lang, n in zip(stats.languages, stats.tokens.tolist()):
+            typer.echo(f"{lang:>8}  {n:>10,} tokens")
+        procs = f", {world} processes" if world > 1 else ""
+        typer.echo(f"wrote {out}/stats ({stats.num_layers} layers x {stats.num_neurons} neurons{procs})")
 
 
 @app.command()

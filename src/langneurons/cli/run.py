@@ -1,0 +1,60 @@
+"""`langneurons run`: the whole analysis in one command (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import LangNeuronsError
+from .app import app, split_list
+
+
+@app.command()
+def run(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (re-running resumes)."),
+    model: str = typer.Option("gemma-3-270m", help="Alias (gemma-3-270m, smollm2-135m), local HF directory or .gguf."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus (default: the embedded 10-language parallel corpus)."),
+    langs: Optional[str] = typer.Option(None, help="Comma list of languages (default: all in the corpus)."),
+    scope: str = typer.Option("all", help="all | response"),
+    holdout: float = typer.Option(0.2, help="Fraction of documents held out for the ablation perplexities."),
+    method: str = typer.Option("entropy-lambda", help="entropy-lambda | lape"),
+    top_rate: float = typer.Option(0.01),
+    bar: float = typer.Option(0.95),
+    lam: str = typer.Option("auto", "--lambda", help="auto or a number"),
+    sets: str = typer.Option("specific;specific,related;specific,related,general",
+                             help="Neuron sets to deactivate, ';'-separated (each a comma list of classes)."),
+    control: str = typer.Option("random", help="random | none"),
+    control_seeds: str = typer.Option("0,1,2", help="Seeds of the random control sets."),
+    batch_size: int = typer.Option(8),
+    max_tokens_per_lang: Optional[int] = typer.Option(None),
+    max_eval_docs: Optional[int] = typer.Option(None, help="Cap held-out documents per language."),
+    dtype: str = typer.Option("float32"),
+    device: Optional[str] = typer.Option(None),
+    pivot: str = typer.Option("en"),
+    skip_ablation: bool = typer.Option(False, help="Stop after anatomy (no intervention matrix)."),
+    force: bool = typer.Option(False, help="Redo every stage."),
+) -> None:
+    """Record -> identify (auto λ) -> anatomy -> ablation matrix -> report.html."""
+    from ..pipeline import RunConfig, run_pipeline
+
+    if scope not in ("all", "response"):
+        raise LangNeuronsError(f"--scope must be 'all' or 'response', got {scope!r}")
+    try:
+        lam_value: str | float = lam if lam == "auto" else float(lam)
+        seeds = tuple(int(s) for s in (split_list(control_seeds) or []))
+    except ValueError:
+        raise LangNeuronsError("--lambda must be 'auto' or a number, --control-seeds a comma list of integers") from None
+    from ..neurons import parse_classes
+
+    neuron_sets = tuple(",".join(parse_classes(x)) for x in sets.split(";") if x.strip())
+    if not neuron_sets:
+        raise LangNeuronsError("--sets needs at least one neuron set, e.g. 'specific,related'")
+    cfg = RunConfig(out=out, neuron_sets=neuron_sets, model=model, corpus=corpus, langs=split_list(langs), scope=scope, holdout=holdout,
+                    method=method, top_rate=top_rate, bar=bar, lam=lam_value,
+                    control=None if control == "none" else control, control_seeds=seeds, batch_size=batch_size,
+                    max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs, dtype=dtype, device=device,
+                    pivot=pivot, skip_ablation=skip_ablation, force=force)
+    report = run_pipeline(cfg, echo=typer.echo)
+    typer.echo(f"report: {report}")

@@ -76,3 +76,23 @@ def test_split_is_parallel_and_deterministic():
     a, b = c.split(0.2)
     assert [e.text[2:] for e in b.by_lang["en"]] == [e.text[2:] for e in b.by_lang["de"]] == ["0", "5"]
     assert len(a.by_lang["en"]) == 8
+
+
+def test_flores_style_directory(tmp_path):
+    (tmp_path / "eng_Latn.devtest").write_text("One sentence.\nTwo sentences.\n", encoding="utf-8")
+    (tmp_path / "zho_Hans.devtest").write_text("一句话。\n两句话。\n", encoding="utf-8")
+    c = load_corpus(tmp_path, ["eng_Latn", "zho_Hans"])
+    assert c.languages == ["eng_Latn", "zho_Hans"]
+    assert [e.text for e in c.by_lang["zho_Hans"]] == ["一句话。", "两句话。"]
+
+
+def test_mgsm_tsv_directory(tmp_path):
+    (tmp_path / "mgsm_en.tsv").write_text("Tom has 3 apples and buys 2. How many?\t5\n", encoding="utf-8")
+    (tmp_path / "mgsm_de.tsv").write_text("Tom hat 3 Äpfel und kauft 2. Wie viele?\t5\n", encoding="utf-8")
+    qa = load_corpus(tmp_path, kind="qa")
+    assert qa.languages == ["de", "en"] and qa.by_lang["en"][0].prompt.startswith("Tom has") and qa.by_lang["en"][0].response == "5"
+    text = load_corpus(tmp_path, kind="text")
+    assert text.by_lang["de"][0].text.startswith("Tom hat") and not text.by_lang["de"][0].is_pair
+    (tmp_path / "mgsm_fr.tsv").write_text("pas de tabulation\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"mgsm_fr.tsv:1: expected 'question<TAB>answer'"):
+        load_corpus(tmp_path, kind="qa")

@@ -258,6 +258,45 @@ def _group(examples: Iterable[Example]) -> dict[str, list[Example]]:
     return by_lang
 
 
+_FLORES_SUFFIXES = (".dev", ".devtest")
+
+
+def _corpus_files(p: Path) -> list[tuple[Path, str]]:
+    """(file, language) pairs of a corpus directory.
+
+    ``<lang>.txt`` / ``<lang>.jsonl``; FLORES-style ``<lang>.dev`` / ``<lang>.devtest`` (e.g.
+    ``eng_Latn.devtest``: one sentence per line, parallel across languages); MGSM-style
+    ``mgsm_<lang>.tsv`` (question TAB answer, no header).
+    """
+    out = []
+    for f in sorted(p.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        if f.suffix in (".txt", ".jsonl") + _FLORES_SUFFIXES:
+            out.append((f, f.stem))
+        elif f.suffix == ".tsv":
+            out.append((f, f.stem[len("mgsm_"):] if f.stem.startswith("mgsm_") else f.stem))
+    return out
+
+
+def read_tsv_pairs(path: Path, lang: str, prefer: Literal["text", "pair"] = "pair") -> list[Example]:
+    """MGSM-style TSV: ``question<TAB>answer`` per line, no header. As text (``--scope all``)
+    the question is the document; as pairs the answer is the response."""
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise CorpusError(f"{path}:{i}: expected 'question<TAB>answer' (MGSM layout), found no tab")
+        question, answer = parts[0].strip(), parts[-1].strip()
+        if prefer == "text":
+            out.append(Example(lang, text=question, id=str(i), source=f"{path}:{i}"))
+        else:
+            out.append(Example(lang, prompt=question, response=answer, id=str(i), source=f"{path}:{i}"))
+    return out
+
+
 def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = None, *,
                 kind: Literal["text", "qa", "auto"] = "auto", doc_sep: DocSep = "line",
                 columns: ColumnMap = ColumnMap(), split: str | None = None) -> Corpus:
@@ -281,17 +320,23 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
         by_lang = _group(read_hf_dataset(p, columns, split, prefer))
     else:
         by_lang = {}
-        files = sorted(x for x in p.iterdir() if x.suffix in (".txt", ".jsonl") and not x.name.startswith("."))
+        files = _corpus_files(p)
         if not files:
-            raise CorpusError(f"{p} holds no <lang>.txt or <lang>.jsonl files")
-        for f in files:
-            if langs and f.stem not in langs:
+            raise CorpusError(f"{p} holds no <lang>.txt, <lang>.jsonl, FLORES-style <lang>.dev/.devtest or "
+                              "mgsm_<lang>.tsv files")
+        for f, lang in files:
+            if langs and lang not in langs:
                 continue
-            exs = read_text_file(f, f.stem, doc_sep) if f.suffix == ".txt" else read_jsonl(f, columns, f.stem, prefer)
+            if f.suffix == ".jsonl":
+                exs = read_jsonl(f, columns, lang, prefer)
+            elif f.suffix == ".tsv":
+                exs = read_tsv_pairs(f, lang, prefer)
+            else:  # .txt, and FLORES' one-sentence-per-line .dev/.devtest files
+                exs = read_text_file(f, lang, doc_sep)
             for ex in exs:
-                if ex.lang != f.stem:
-                    raise CorpusError(f"{ex.source}: language {ex.lang!r} inside the file for {f.stem!r}")
-            by_lang.setdefault(f.stem, []).extend(exs)
+                if ex.lang != lang:
+                    raise CorpusError(f"{ex.source}: language {ex.lang!r} inside the file for {lang!r}")
+            by_lang.setdefault(lang, []).extend(exs)
     corpus = Corpus(by_lang, str(p))
     corpus = corpus.select(langs) if langs else corpus
     if not corpus.by_lang:

@@ -243,17 +243,17 @@ def test_sections_plug_in_without_editing_html(tmp_path):
 
     make_run(tmp_path, L=8, N=32, method="lape", ablation=False)
     shutil.rmtree(RunDir(tmp_path).stats_dir)  # no stats: the example neuron is skipped with a note
-    register_section("confidence", "Confidence", lambda run_dir: "<p id='conf-body'>stable</p>"
+    register_section("plugin-demo", "Plug-in demo", lambda run_dir: "<p id='conf-body'>stable</p>"
                      if (Path(run_dir) / "neurons.safetensors").exists() else None, order=60)
     register_section("nothing", "Nothing here", lambda run_dir: None, order=61)
     register_section("broken", "Broken", lambda run_dir: 1 / 0, order=62)
     try:
         text = build_report(tmp_path).read_text(encoding="utf-8")
     finally:
-        for name in ("confidence", "nothing", "broken"):
+        for name in ("plugin-demo", "nothing", "broken"):
             unregister_section(name)
     doc = parse(text)
-    assert "section-confidence" in doc.ids and "conf-body" in doc.ids
+    assert "section-plugin-demo" in doc.ids and "conf-body" in doc.ids
     assert "section-nothing" not in doc.ids and "section-interventions" not in doc.ids
     assert "section-broken" in doc.ids and "ZeroDivisionError" in text
     assert "has no λ" in text and "activation statistics are not available" in text

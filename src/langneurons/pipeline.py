@@ -50,6 +50,8 @@ class RunConfig:
     dtype: str = "float32"
     device: str | None = None
     pivot: str = "en"
+    bootstrap: int = 1000  # resamples of evaluation documents for ΔNLL intervals (0: none)
+    stability: int = 0  # bootstrap resamples of the identification (0: skip; `langneurons stability`)
     skip_ablation: bool = False
     force: bool = False
     progress: bool = True
@@ -142,11 +144,16 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
 
     timer.run("anatomy", lambda: analyze_run(run.path, pivot=cfg.pivot).save(run.path), echo)
 
+    if cfg.stability:
+        from .confidence import run_stability
+
+        timer.run("stability", lambda: run_stability(run.path, resamples=cfg.stability, progress=cfg.progress), echo)
+
     if not cfg.skip_ablation:
         abl_inputs = {"neurons": nmap.meta.get("stats_fingerprint"), "identify": id_params,
                       "sets": list(cfg.neuron_sets), "control": cfg.control, "seeds": list(cfg.control_seeds),
                       "metrics": list(cfg.metrics), "eval_docs": {k: len(v) for k, v in eval_corpus.by_lang.items()},
-                      "holdout": cfg.holdout, "scope": cfg.scope}
+                      "holdout": cfg.holdout, "scope": cfg.scope, "bootstrap": cfg.bootstrap}
         if not cfg.force and run.ablation_path.exists() and _same(run.read_manifest().get("ablation", {}).get("inputs"),
                                                                   abl_inputs):
             echo("[ablate] up to date, skipped")
@@ -160,7 +167,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
                 df = ablation_matrix(loaded.model, loaded.tokenizer, nmap, eval_corpus.by_lang,
                                      neuron_sets=cfg.neuron_sets, control=cfg.control,
                                      control_seeds=cfg.control_seeds, metrics=cfg.metrics,
-                                     batch_size=cfg.batch_size, progress=cfg.progress)
+                                     batch_size=cfg.batch_size, progress=cfg.progress, bootstrap=cfg.bootstrap)
                 atomic_write(run.ablation_path, lambda p: df.to_parquet(p, index=False))
                 heatmaps(df, run.figures_dir)
                 run.update_manifest({"ablation": {"inputs": abl_inputs, "rows": len(df),

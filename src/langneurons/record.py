@@ -27,6 +27,12 @@ Design choices (see docs/pitfalls.md for why each one matters):
   partial file. See `distributed` and docs/scaling.md.
 * **Bounded memory.** Besides the model, counting holds O(L·N) numbers per language and
   handles a batch's activations in chunks of `CHUNK_ELEMENTS` (docs/scaling.md has the formula).
+* **Per-bucket counts for resampling.** With ``buckets = B > 0`` (default 16) document j of a
+  language (its index among the language's counted documents, the same on every shard and
+  rank) goes to bucket ``j mod B``, and the counts are also kept per bucket (O(B·L·N) more).
+  Totals are the sums of the buckets by construction (each chunk's count is added to both), so
+  bootstrap / permutation resamples of documents (`langneurons.confidence`) need no per-token
+  activations. Buckets are all-reduced, flushed and resumed like the totals.
 * **Long sequences are truncated** to the model's context (or ``max_length``) with a warning,
   not windowed: a window would restart the context mid-document.
 * **Bad input is refused**: a language whose examples all tokenize to nothing is an error
@@ -77,11 +83,14 @@ class RecordConfig:
     act_path: str | None = None  # --mlp-act-path override
     flush_every: int = 50  # batches between partial flushes (0: only at the end of a language)
     shard: tuple[int, int] | None = None  # (i, n): count only examples with index % n == i
+    buckets: int = 16  # per-bucket counts (document j -> bucket j mod buckets) for resampling; 0: none
 
     def fingerprint_fields(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("batch_size", "flush_every", "keep_sums"):
-            d.pop(k)  # do not change the counts
+        # batch_size, flush_every, keep_sums and buckets do not change the totals (buckets only
+        # add a finer split of them), so stats recorded with other values are re-used.
+        for k in ("batch_size", "flush_every", "keep_sums", "buckets"):
+            d.pop(k)
         return d
 
 
@@ -89,6 +98,7 @@ class RecordConfig:
 class Encoded:
     input_ids: list[int]
     counted: list[bool]  # which positions are counted
+    doc_index: int = 0  # index among the language's counted documents (before shard/rank split)
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -130,23 +140,44 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 class _Counter:
-    """Forward hooks that add per-layer counts of the masked tokens (kept on each layer's device)."""
+    """Forward hooks that add per-layer counts of the masked tokens (kept on each layer's device).
 
-    def __init__(self, sites: ActivationSites, keep_sums: bool):
+    With ``num_buckets`` > 0 the counted rows of a batch are grouped by their document's bucket
+    (`set_batch`), and every chunk's count is added both to the total and to its bucket, so the
+    buckets sum to the totals exactly, by construction.
+    """
+
+    def __init__(self, sites: ActivationSites, keep_sums: bool, num_buckets: int = 0):
         self.sites = sites
         self.keep_sums = keep_sums
+        self.num_buckets = int(num_buckets)
         self.positive: list[torch.Tensor | None] = [None] * sites.num_layers
         self.sums: list[torch.Tensor | None] = [None] * sites.num_layers
+        self.bucket_positive: list[torch.Tensor | None] = [None] * sites.num_layers
         self.fired = [0] * sites.num_layers
         self.counted_rows = [0] * sites.num_layers
         self.flat_index: torch.Tensor | None = None
         self._index_on: dict[torch.device, torch.Tensor] = {}
+        self.segments: list[tuple[int, torch.Tensor]] | None = None
+        self._segments_on: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
 
-    def set_batch(self, flat_index: torch.Tensor) -> None:
+    def set_batch(self, flat_index: torch.Tensor, row_bucket: torch.Tensor | None = None) -> None:
+        """``flat_index``: the counted rows of the flattened [B*T] batch; ``row_bucket``: each
+        counted row's bucket (same length), or None without buckets."""
         self.flat_index = flat_index
         self._index_on = {flat_index.device: flat_index}
         self.fired = [0] * self.sites.num_layers
         self.counted_rows = [0] * self.sites.num_layers
+        self.segments, self._segments_on = None, {}
+        if self.num_buckets and row_bucket is not None:
+            # Rows of one bucket together (stable, so each segment keeps increasing row order):
+            # one count per (bucket, chunk), at most min(batch size, B) segments per batch.
+            row_bucket = row_bucket.to(torch.int64).cpu()
+            order = torch.argsort(row_bucket, stable=True)
+            keys, sizes = torch.unique_consecutive(row_bucket[order], return_counts=True)
+            rows = flat_index.cpu()[order]
+            self.segments = list(zip(keys.tolist(), rows.split(sizes.tolist())))
+            self._segments_on = {torch.device("cpu"): self.segments}
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         assert self.flat_index is not None
@@ -160,16 +191,32 @@ class _Counter:
             self.positive[layer] = torch.zeros(width, dtype=torch.int64, device=dev)
             if self.keep_sums:
                 self.sums[layer] = torch.zeros(width, dtype=torch.float64, device=dev)
+            if self.num_buckets:
+                self.bucket_positive[layer] = torch.zeros(self.num_buckets, width, dtype=torch.int64, device=dev)
         positive, sums = self.positive[layer], self.sums[layer]
         # In chunks of counted rows: (acts > 0).sum() and sum(dtype=float64) materialise int64 /
         # float64 copies of their input, 8 bytes per element; for a 70B model's batch of 32k
         # tokens x 28,672 neurons that would be 7.5 GB per layer. Chunks bound it (docs/scaling.md).
         rows = max(1, CHUNK_ELEMENTS // max(width, 1))
-        for part in idx.split(rows):
-            acts = flat.index_select(0, part)
-            positive += (acts > 0).sum(0)  # type: ignore[operator]
-            if self.keep_sums:
-                sums += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
+        if self.segments is None:
+            for part in idx.split(rows):
+                acts = flat.index_select(0, part)
+                positive += (acts > 0).sum(0)  # type: ignore[operator]
+                if self.keep_sums:
+                    sums += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
+        else:
+            segments = self._segments_on.get(dev)
+            if segments is None:
+                segments = self._segments_on[dev] = [(b, seg.to(dev)) for b, seg in self.segments]
+            bucket_positive = self.bucket_positive[layer]
+            for b, seg in segments:
+                for part in seg.split(rows):
+                    acts = flat.index_select(0, part)
+                    count = (acts > 0).sum(0)
+                    positive += count  # type: ignore[operator]
+                    bucket_positive[b] += count  # type: ignore[index]
+                    if self.keep_sums:
+                        sums += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
         self.fired[layer] += 1
         self.counted_rows[layer] += int(idx.numel())
         return None
@@ -184,6 +231,17 @@ class _Counter:
                 if sums is not None:
                     sums[layer] = self.sums[layer].cpu()  # type: ignore[union-attr]
         return pos, sums
+
+    def collect_buckets(self, num_neurons: int) -> torch.Tensor | None:
+        """int64 [B, L, N] per-bucket positive counts (None without buckets)."""
+        if not self.num_buckets:
+            return None
+        L = self.sites.num_layers
+        out = torch.zeros(self.num_buckets, L, num_neurons, dtype=torch.int64)
+        for layer in range(L):
+            if self.bucket_positive[layer] is not None:
+                out[:, layer] = self.bucket_positive[layer].cpu()  # type: ignore[union-attr]
+        return out
 
 
 def _dist() -> tuple[int, int]:
@@ -227,6 +285,10 @@ class Recorder:
                                        f"{ctx} tokens; pass --max-length {ctx} or less")
         if self.config.flush_every < 0:
             raise LangNeuronsError(f"--flush-every must be >= 0, got {self.config.flush_every}")
+        if isinstance(self.config.buckets, bool) or not isinstance(self.config.buckets, int) \
+                or self.config.buckets < 0:
+            raise LangNeuronsError(f"--buckets must be an integer >= 0 (0: no per-bucket counts), "
+                                   f"got {self.config.buckets!r}")
         # Longer sequences are truncated (warned), not windowed: a window would restart the
         # context mid-document and count tokens in a state the model never sees in use.
         self.max_length = int(self.config.max_length or ctx or 4096)
@@ -250,6 +312,7 @@ class Recorder:
             if n == 0:
                 empty += 1
                 continue
+            enc.doc_index = len(encoded)  # the global index: shards and ranks split by it below
             encoded.append(enc)
             total += n
             if budget is not None and total >= budget:
@@ -303,17 +366,47 @@ class Recorder:
         """
         encoded = self.encode(examples, lang)
         batches = self.batches(encoded)
-        counter = _Counter(self.sites, self.config.keep_sums)
+        num_buckets = self.config.buckets
+        counter = _Counter(self.sites, self.config.keep_sums, num_buckets)
         N = self.sites.num_neurons
         state_key = self._partial_key(encoded)
-        start_batch, tokens, base_pos, base_sums = 0, 0, None, None
+        start_batch, tokens = 0, 0
+        base: LanguageStats | None = None  # flushed counts resumed from
+        keep_buckets = num_buckets > 0
+        bucket_tokens = torch.zeros(num_buckets, dtype=torch.int64)
+        bucket_docs = torch.zeros(num_buckets, dtype=torch.int64)
         if partial is not None and partial.exists():
             resumed = self._read_partial(partial, lang, state_key, len(batches))
             if resumed is not None:
                 start_batch, tokens = int(resumed.meta["batches_done"]), resumed.tokens
-                base_pos, base_sums = resumed.positive, resumed.sums
+                base = resumed
                 log.info("%s: resuming after batch %d of %d (%d tokens) from %s", lang or "counts", start_batch,
                          len(batches), tokens, partial)
+                if keep_buckets and not resumed.has_buckets:
+                    # Written by a version without buckets: the totals are still right, the
+                    # split of the flushed part into buckets is lost for this language.
+                    keep_buckets = False
+                    warnings.warn(f"{lang or 'counts'}: the partial counts in {partial} carry no per-bucket counts; "
+                                  "resuming without them (`langneurons stability` will need this language "
+                                  "recorded again)", stacklevel=2)
+
+        def snapshot() -> LanguageStats:
+            """Counts so far (resumed + counted here) as one LanguageStats."""
+            pos, sums = counter.collect(N)
+            if base is not None:
+                pos = pos + base.positive
+                if sums is not None and base.sums is not None:
+                    sums = sums + base.sums
+            out = LanguageStats(lang, pos, tokens, sums, {})
+            if keep_buckets:
+                bpos, btok, bdocs = counter.collect_buckets(N), bucket_tokens.clone(), bucket_docs.clone()
+                if base is not None:
+                    bpos = bpos + base.bucket_positive.to(torch.int64)  # type: ignore[union-attr,operator]
+                    btok += base.bucket_tokens  # type: ignore[arg-type]
+                    bdocs += base.bucket_docs  # type: ignore[arg-type]
+                out.bucket_positive, out.bucket_tokens, out.bucket_docs = bpos, btok, bdocs
+            return out
+
         handles = self.sites.add_hooks(counter)
         total_tokens = sum(sum(e.counted) for e in encoded)
         bar = _progress(total_tokens, lang, progress)
@@ -323,29 +416,29 @@ class Recorder:
             with torch.inference_mode():
                 for bi in range(start_batch, len(batches)):
                     ids, attn, counted = self._tensors(batches[bi])
-                    flat = counted.reshape(-1).nonzero().squeeze(1).to(self.device)
-                    counter.set_batch(flat)
+                    flat = counted.reshape(-1).nonzero().squeeze(1)
+                    row_bucket = None
+                    if num_buckets:
+                        doc_bucket = torch.tensor([e.doc_index % num_buckets for e in batches[bi]], dtype=torch.int64)
+                        row_bucket = doc_bucket[flat // counted.shape[1]]
+                    counter.set_batch(flat.to(self.device), row_bucket)
                     self.body(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
                     n = int(counted.sum())
                     self._verify(counter, n)
+                    if num_buckets:  # after the forward pass: an interrupted batch is not in them
+                        bucket_tokens.index_add_(0, doc_bucket, counted.sum(1).to(torch.int64))
+                        bucket_docs.index_add_(0, doc_bucket, torch.ones(len(doc_bucket), dtype=torch.int64))
                     tokens += n
                     bar.update(n)
                     bar.set_postfix_str(f"{(tokens) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
                     if partial is not None and self.config.flush_every and (bi + 1) % self.config.flush_every == 0 \
                             and bi + 1 < len(batches):
-                        pos, sums = counter.collect(N)
-                        self._flush(partial, lang, base_pos, base_sums, pos, sums, tokens, bi + 1, state_key)
+                        self._flush(partial, snapshot(), bi + 1, state_key)
         finally:
             for h in handles:
                 h.remove()
             bar.close()
-        pos, sums = counter.collect(N)
-        if base_pos is not None:
-            pos = pos + base_pos
-            if sums is not None and base_sums is not None:
-                sums = sums + base_sums
-        pos, sums, tokens = self._all_reduce(pos, sums, tokens)
-        return LanguageStats(lang, pos, tokens, sums, {})
+        return self._all_reduce(snapshot(), num_buckets)
 
     def _read_partial(self, partial: Path, lang: str, key: str, num_batches: int) -> LanguageStats | None:
         """The flushed counts to resume from, or None (with a warning naming the file) when
@@ -365,7 +458,8 @@ class Recorder:
                           stacklevel=3)
             return None
         if not isinstance(done, int) or not 0 < done < num_batches or prev.shape != (L, N) \
-                or (self.config.keep_sums and prev.sums is None):
+                or (self.config.keep_sums and prev.sums is None) \
+                or (prev.has_buckets and prev.num_buckets != self.config.buckets):
             warnings.warn(f"{lang or 'counts'}: partial counts in {partial} are inconsistent (batches_done={done!r}, "
                           f"shape {prev.shape}); starting this language over", stacklevel=3)
             return None
@@ -375,6 +469,8 @@ class Recorder:
         h = hashlib.sha256()
         h.update(json.dumps(self.config.fingerprint_fields(), sort_keys=True, default=str).encode())
         h.update(str(self.config.batch_size).encode())
+        if self.config.buckets:  # (nothing added without buckets: older partial files stay valid)
+            h.update(f"buckets {self.config.buckets}".encode())
         rank, world = _dist()
         h.update(f"rank {rank}/{world}".encode())
         h.update(f"layers {self.sites.num_layers} x {self.sites.num_neurons}".encode())
@@ -384,14 +480,10 @@ class Recorder:
             h.update(json.dumps(e.input_ids).encode())
         return h.hexdigest()[:16]
 
-    def _flush(self, partial: Path, lang: str, base_pos: torch.Tensor | None, base_sums: torch.Tensor | None,
-               pos: torch.Tensor, sums: torch.Tensor | None, tokens: int, batches_done: int, key: str) -> None:
-        if base_pos is not None:
-            pos = pos + base_pos
-            if sums is not None and base_sums is not None:
-                sums = sums + base_sums
+    def _flush(self, partial: Path, counts: LanguageStats, batches_done: int, key: str) -> None:
+        counts.meta = {"partial_key": key, "batches_done": batches_done}
         with _writing(partial):
-            LanguageStats(lang, pos, tokens, sums, {"partial_key": key, "batches_done": batches_done}).save(partial)
+            counts.save(partial)
 
     def _verify(self, counter: _Counter, n: int) -> None:
         bad = [layer for layer, f in enumerate(counter.fired) if f != 1]
@@ -405,19 +497,46 @@ class Recorder:
             raise LangNeuronsError(f"layers {wrong[:5]} counted a different number of tokens than the mask holds "
                                    f"({n}); the activation does not have one row per token")
 
-    def _all_reduce(self, pos: torch.Tensor, sums: torch.Tensor | None, tokens: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """One SUM reduction of the int64 counts (tokens packed in front of ``positive``) and
-        one of the float64 sums: exact for the counts, whatever the number of ranks."""
+    def _all_reduce(self, counts: LanguageStats, num_buckets: int) -> LanguageStats:
+        """One SUM reduction of the int64 counts and one of the float64 sums: exact for the
+        counts, whatever the number of ranks.
+
+        Packed int64 layout: [tokens, lacks_buckets, bucket_tokens (B), bucket_docs (B),
+        positive (L·N), bucket_positive (B·L·N)]. Every rank sends the same layout (B comes from
+        the shared config); a rank whose counts lost their buckets (resumed from an old partial
+        file) sends zeros and lacks_buckets = 1, and then the result keeps the totals only -- on
+        every rank alike, so no rank waits in a collective the others skip."""
         rank, world = _dist()
         if world == 1:
-            return pos, sums, tokens
-        packed = torch.cat([torch.tensor([tokens], dtype=torch.int64), pos.reshape(-1).to(torch.int64)])
-        tensors = [packed] + ([sums.to(torch.float64)] if sums is not None else [])
+            return counts
+        shape = counts.positive.shape
+        has = counts.has_buckets
+        B = num_buckets
+        zeros_b = torch.zeros(B, dtype=torch.int64)
+        parts = [torch.tensor([counts.tokens, 0 if has or not B else 1], dtype=torch.int64),
+                 counts.bucket_tokens.to(torch.int64) if has else zeros_b,  # type: ignore[union-attr]
+                 counts.bucket_docs.to(torch.int64) if has else zeros_b,  # type: ignore[union-attr]
+                 counts.positive.reshape(-1).to(torch.int64),
+                 counts.bucket_positive.reshape(-1).to(torch.int64) if has  # type: ignore[union-attr]
+                 else torch.zeros(B * counts.positive.numel(), dtype=torch.int64)]
+        packed = torch.cat(parts)
+        tensors = [packed] + ([counts.sums.to(torch.float64)] if counts.sums is not None else [])
         reduced = distributed.all_reduce_sum(tensors)
-        total = int(reduced[0][0])
-        pos = reduced[0][1:].reshape(pos.shape)
-        return pos, (reduced[1] if sums is not None else None), total
+        flat = reduced[0]
+        total, lacking = int(flat[0]), int(flat[1])
+        at = 2
+        bucket_tokens, at = flat[at:at + B], at + B
+        bucket_docs, at = flat[at:at + B], at + B
+        pos, at = flat[at:at + counts.positive.numel()].reshape(shape), at + counts.positive.numel()
+        out = LanguageStats(counts.lang, pos, total, reduced[1] if counts.sums is not None else None, {})
+        if B and not lacking:
+            out.bucket_positive = flat[at:].reshape(B, *shape)
+            out.bucket_tokens, out.bucket_docs = bucket_tokens, bucket_docs
+        elif B and rank == 0:
+            warnings.warn(f"{counts.lang or 'counts'}: {lacking} process(es) resumed from partial counts without "
+                          "per-bucket counts; keeping the totals only (`langneurons stability` will need this "
+                          "language recorded again)", stacklevel=3)
+        return out
 
 
 def _progress(total: int, lang: str, enabled: bool) -> Any:
@@ -492,6 +611,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
         "shard": None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
         "versions": versions(),
         "seed": config.seed,
+        "buckets": config.buckets,
     }
     torch.manual_seed(config.seed)
 
@@ -535,7 +655,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
             parts.append(prev)
             continue
         stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
-        stats.meta = meta
+        stats.meta = dict(meta, buckets=stats.num_buckets)  # 0 when a resumed partial lost them
         if rank == 0:
             with _writing(run.stats_path(lang)):
                 run.write_language_stats(stats)
@@ -555,6 +675,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                                                     "num_layers", "num_neurons", "dtype", "revision")},
                 "record": {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
                            "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
+                           "buckets": {p.lang: p.num_buckets for p in parts},
                            "shard": base_meta["shard"], "processes": world},
                 "versions": base_meta["versions"],
             })

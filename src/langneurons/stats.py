@@ -7,9 +7,22 @@ For language k, layer l, neuron n we keep
 and p[k, l, n] = positive / tokens. Counts from shards and processes add up exactly, which
 is why we store counts and never probabilities: merging is addition.
 
+Per-bucket counts (optional, written by ``record`` with ``RecordConfig.buckets`` = B > 0): the
+documents of a language are dealt into B buckets by their global index (document j -> bucket
+j mod B) and the same counts are kept per bucket:
+    bucket_positive[b, l, n]  bucket_tokens[b]  bucket_docs[b]
+They sum EXACTLY to positive / tokens (checked by `LanguageStats.validate`), so resampling
+documents (bootstrap, permutation nulls; see `langneurons.confidence`) needs no per-token
+activations: a resample's counts are weighted sums of bucket counts. Buckets add up under
+merging like every other count; shards and processes use the same global document index, so a
+document lands in the same bucket whichever shard or rank counted it. Stats without buckets
+(older runs, imports, ``buckets=0``) load with the bucket fields None.
+
 On disk a run directory holds ``stats/<lang>.safetensors`` (tensors ``positive`` [L, N],
-``tokens`` 0-d, ``sum`` [L, N]) with a JSON metadata blob under the key ``langneurons``, and
-``manifest.json`` listing the languages in order and each file's sha256.
+``tokens`` 0-d, ``sum`` [L, N], and optionally ``bucket_positive`` [B, L, N] (int32 when every
+bucket holds fewer than 2**31 tokens, else int64), ``bucket_tokens`` [B], ``bucket_docs`` [B])
+with a JSON metadata blob under the key ``langneurons``, and ``manifest.json`` listing the
+languages in order and each file's sha256.
 """
 
 from __future__ import annotations
@@ -33,6 +46,9 @@ COMPAT_KEYS = ("model_fingerprint", "scope", "hook_point", "include_special", "d
 FEW_TOKENS = 1000
 #: safetensors metadata key holding the sha256 of a stats file's tensors and metadata
 CONTENT_HASH_KEY = "langneurons_sha256"
+#: bucket counts are stored as int32 when every bucket has fewer tokens than this (no count can overflow)
+INT32_LIMIT = 2**31
+BUCKET_TENSORS = ("bucket_positive", "bucket_tokens", "bucket_docs")
 
 
 def _content_sha256(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
@@ -55,16 +71,34 @@ class LanguageStats:
     tokens: int
     sums: torch.Tensor | None = None  # float64 [L, N]
     meta: dict[str, Any] = field(default_factory=dict)
+    bucket_positive: torch.Tensor | None = None  # int32/int64 [B, L, N], sums to `positive`
+    bucket_tokens: torch.Tensor | None = None  # int64 [B], sums to `tokens`
+    bucket_docs: torch.Tensor | None = None  # int64 [B]: documents per bucket
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.positive.shape)  # type: ignore[return-value]
+
+    @property
+    def has_buckets(self) -> bool:
+        return self.bucket_positive is not None and self.bucket_tokens is not None and self.bucket_docs is not None
+
+    @property
+    def num_buckets(self) -> int:
+        return int(self.bucket_tokens.numel()) if self.has_buckets else 0  # type: ignore[union-attr]
+
+    def drop_buckets(self) -> "LanguageStats":
+        """The same counts without the per-bucket ones (in place; returns self)."""
+        self.bucket_positive = self.bucket_tokens = self.bucket_docs = None
+        return self
 
     def save(self, path: str | Path) -> Path:
         tensors = {"positive": self.positive.to(torch.int64).contiguous().cpu(),
                    "tokens": torch.tensor(int(self.tokens), dtype=torch.int64)}
         if self.sums is not None:
             tensors["sum"] = self.sums.to(torch.float64).contiguous().cpu()
+        if self.has_buckets:
+            tensors.update(_bucket_tensors_for_disk(self))
         meta = dict(self.meta, lang=self.lang, tokens=int(self.tokens))
         blob = {"langneurons": json.dumps(meta, ensure_ascii=False, default=str)}
         # The file carries a hash of its own content, so a stats file copied without its
@@ -73,12 +107,13 @@ class LanguageStats:
         return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=blob))
 
     @classmethod
-    def load(cls, path: str | Path, expected_sha256: str | None = None) -> "LanguageStats":
+    def load(cls, path: str | Path, expected_sha256: str | None = None, *, buckets: bool = True) -> "LanguageStats":
         """Read one stats file; any sign of damage is a `StatsError` naming the file.
 
         Checked: the sha256 recorded in manifest.json (``expected_sha256``), the safetensors
         structure (truncation), the file's own content hash, its JSON metadata, and the
-        counts' consistency (`validate`).
+        counts' consistency (`validate`, including the per-bucket counts). ``buckets=False``
+        drops the per-bucket counts after the checks (they are 16x the size of the totals).
         """
         path = Path(path)
         if not path.is_file():
@@ -109,11 +144,19 @@ class LanguageStats:
             raise StatsError(f"stats file {path} has unreadable metadata; delete it and record that language again")
         if "positive" not in tensors or "tokens" not in tensors or tensors["tokens"].numel() != 1:
             raise StatsError(f"stats file {path} lacks 'positive'/'tokens' tensors")
+        present = [name for name in BUCKET_TENSORS if name in tensors]
+        if present and len(present) != len(BUCKET_TENSORS):
+            raise StatsError(f"stats file {path} has only some of the bucket tensors ({', '.join(present)}); "
+                             "delete it and record that language again")
         lang = meta.get("lang", path.stem)
         out = cls(lang=lang, positive=tensors["positive"].to(torch.int64),
                   tokens=int(tensors["tokens"].item()), sums=tensors.get("sum"), meta=meta)
+        if present:
+            out.bucket_positive = tensors["bucket_positive"]  # int32 or int64, as stored
+            out.bucket_tokens = tensors["bucket_tokens"].to(torch.int64)
+            out.bucket_docs = tensors["bucket_docs"].to(torch.int64)
         out.validate(f"stats file {path}")
-        return out
+        return out if buckets else out.drop_buckets()
 
     def validate(self, where: str = "") -> None:
         where = where or self.lang
@@ -131,6 +174,29 @@ class LanguageStats:
                              f"{tuple(self.positive.shape)}; the stats are inconsistent")
         if self.sums is not None and torch.isnan(self.sums).any():
             raise StatsError(f"{where}: activation sums contain NaN (overflow in a low-precision run?)")
+        self._validate_buckets(where)
+
+    def _validate_buckets(self, where: str) -> None:
+        fields = (self.bucket_positive, self.bucket_tokens, self.bucket_docs)
+        if all(f is None for f in fields):
+            return
+        if any(f is None for f in fields):
+            raise StatsError(f"{where}: only some of the per-bucket counts are present; the stats are inconsistent")
+        bp, bt, bd = fields
+        if bp.dtype.is_floating_point or bt.dtype.is_floating_point or bd.dtype.is_floating_point:  # type: ignore[union-attr]
+            raise StatsError(f"{where}: per-bucket counts must be integers")
+        B = int(bt.numel())  # type: ignore[union-attr]
+        if bp.dim() != 3 or tuple(bp.shape[1:]) != tuple(self.positive.shape) or bp.shape[0] != B \
+                or tuple(bt.shape) != (B,) or tuple(bd.shape) != (B,):  # type: ignore[union-attr]
+            raise StatsError(f"{where}: per-bucket counts have shapes {tuple(bp.shape)}, {tuple(bt.shape)}, "  # type: ignore[union-attr]
+                             f"{tuple(bd.shape)}; expected [B, {', '.join(map(str, self.positive.shape))}], [B], [B]")
+        if (bt < 0).any() or (bd < 0).any() or (bp < 0).any():  # type: ignore[operator]
+            raise StatsError(f"{where}: per-bucket counts are negative; the file is corrupt or was built wrongly")
+        if int(bt.sum()) != int(self.tokens) or not torch.equal(bp.sum(0, dtype=torch.int64),  # type: ignore[union-attr]
+                                                                 self.positive.to(torch.int64)):
+            raise StatsError(f"{where}: the per-bucket counts do not add up to the totals; the stats are inconsistent")
+        if (bp > bt.view(-1, 1, 1)).any():  # type: ignore[union-attr]
+            raise StatsError(f"{where}: a bucket has a neuron positive on more tokens than the bucket holds")
 
     def __add__(self, other: "LanguageStats") -> "LanguageStats":
         if self.lang != other.lang:
@@ -143,7 +209,29 @@ class LanguageStats:
         shards = sorted(set(_as_list(self.meta.get("shards"))) | set(_as_list(other.meta.get("shards"))))
         if shards:
             meta["shards"] = shards
-        return LanguageStats(self.lang, self.positive + other.positive, self.tokens + other.tokens, sums, meta)
+        out = LanguageStats(self.lang, self.positive + other.positive, self.tokens + other.tokens, sums, meta)
+        # Buckets add elementwise: both inputs deal document j into bucket j mod B with the SAME
+        # global index j (shards and ranks keep the corpus-wide index), so bucket b of the sum
+        # holds exactly the documents an unsharded run puts there.
+        if self.has_buckets and other.has_buckets and self.num_buckets == other.num_buckets:
+            out.bucket_positive = self.bucket_positive.to(torch.int64) + other.bucket_positive.to(torch.int64)  # type: ignore[union-attr]
+            out.bucket_tokens = self.bucket_tokens + other.bucket_tokens  # type: ignore[operator]
+            out.bucket_docs = self.bucket_docs + other.bucket_docs  # type: ignore[operator]
+        elif self.has_buckets or other.has_buckets:
+            have = {self.num_buckets, other.num_buckets}
+            warnings.warn(f"{self.lang}: only some inputs carry per-bucket counts (buckets: {sorted(have)}); the sum "
+                          "keeps the totals only, so `langneurons stability` needs a new recording of it",
+                          stacklevel=2)
+        return out
+
+
+def _bucket_tensors_for_disk(part: LanguageStats) -> dict[str, torch.Tensor]:
+    """int32 when no bucket can hold 2**31 tokens (then no count in it can overflow), else int64."""
+    bt = part.bucket_tokens.to(torch.int64).contiguous().cpu()  # type: ignore[union-attr]
+    small = bt.numel() == 0 or int(bt.max()) < INT32_LIMIT
+    dtype = torch.int32 if small else torch.int64
+    return {"bucket_positive": part.bucket_positive.to(dtype).contiguous().cpu(),  # type: ignore[union-attr]
+            "bucket_tokens": bt, "bucket_docs": part.bucket_docs.to(torch.int64).contiguous().cpu()}  # type: ignore[union-attr]
 
 
 def _as_list(x: Any) -> list:
@@ -173,6 +261,17 @@ class ActivationStats:
     tokens: torch.Tensor  # int64 [K]
     sums: torch.Tensor | None = None  # float64 [K, L, N]
     meta: dict[str, Any] = field(default_factory=dict)
+    bucket_positive: torch.Tensor | None = None  # int32/int64 [K, B, L, N] (see the module docstring)
+    bucket_tokens: torch.Tensor | None = None  # int64 [K, B]
+    bucket_docs: torch.Tensor | None = None  # int64 [K, B]
+
+    @property
+    def has_buckets(self) -> bool:
+        return self.bucket_positive is not None and self.bucket_tokens is not None and self.bucket_docs is not None
+
+    @property
+    def num_buckets(self) -> int:
+        return int(self.bucket_tokens.shape[1]) if self.has_buckets else 0  # type: ignore[union-attr]
 
     @property
     def num_layers(self) -> int:
@@ -196,16 +295,26 @@ class ActivationStats:
 
     def language(self, lang: str) -> LanguageStats:
         k = self.languages.index(lang)
-        return LanguageStats(lang, self.positive[k], int(self.tokens[k]),
-                             None if self.sums is None else self.sums[k], dict(self.meta))
+        out = LanguageStats(lang, self.positive[k], int(self.tokens[k]),
+                            None if self.sums is None else self.sums[k], dict(self.meta))
+        if self.has_buckets:
+            out.bucket_positive = self.bucket_positive[k]  # type: ignore[index]
+            out.bucket_tokens = self.bucket_tokens[k]  # type: ignore[index]
+            out.bucket_docs = self.bucket_docs[k]  # type: ignore[index]
+        return out
 
     def subset(self, langs: Sequence[str]) -> "ActivationStats":
         missing = [x for x in langs if x not in self.languages]
         if missing:
             raise StatsError(f"languages {missing} are not in the stats (have: {','.join(self.languages)})")
         idx = torch.tensor([self.languages.index(x) for x in langs])
-        return ActivationStats(list(langs), self.positive[idx], self.tokens[idx],
-                               None if self.sums is None else self.sums[idx], dict(self.meta))
+        out = ActivationStats(list(langs), self.positive[idx], self.tokens[idx],
+                              None if self.sums is None else self.sums[idx], dict(self.meta))
+        if self.has_buckets:
+            out.bucket_positive = self.bucket_positive[idx]  # type: ignore[index]
+            out.bucket_tokens = self.bucket_tokens[idx]  # type: ignore[index]
+            out.bucket_docs = self.bucket_docs[idx]  # type: ignore[index]
+        return out
 
     def fingerprint(self) -> str:
         import hashlib
@@ -238,13 +347,22 @@ class ActivationStats:
         check_compatible([p.meta for p in parts], [p.shape for p in parts])
         has_sums = all(p.sums is not None for p in parts)
         meta = {k: v for k, v in parts[0].meta.items() if k not in ("lang", "tokens", "corpus_fingerprint")}
-        return cls(
+        out = cls(
             languages=[p.lang for p in parts],
             positive=torch.stack([p.positive for p in parts]),
             tokens=torch.tensor([p.tokens for p in parts], dtype=torch.int64),
             sums=torch.stack([p.sums for p in parts]) if has_sums else None,  # type: ignore[misc]
             meta=meta,
         )
+        # Per-bucket counts only when every language has them with the same number of buckets
+        # (`langneurons.confidence.require_buckets` names the languages that lack them).
+        if all(p.has_buckets for p in parts) and len({p.num_buckets for p in parts}) == 1:
+            wide = any(p.bucket_positive.dtype == torch.int64 for p in parts)  # type: ignore[union-attr]
+            dtype = torch.int64 if wide else parts[0].bucket_positive.dtype  # type: ignore[union-attr]
+            out.bucket_positive = torch.stack([p.bucket_positive.to(dtype) for p in parts])  # type: ignore[union-attr]
+            out.bucket_tokens = torch.stack([p.bucket_tokens.to(torch.int64) for p in parts])  # type: ignore[union-attr]
+            out.bucket_docs = torch.stack([p.bucket_docs.to(torch.int64) for p in parts])  # type: ignore[union-attr]
+        return out
 
     # -- run directories -----------------------------------------------------------------
     def save(self, run_dir: str | Path, extra_manifest: dict[str, Any] | None = None) -> RunDir:
@@ -257,9 +375,10 @@ class ActivationStats:
         return run
 
     @classmethod
-    def load(cls, path: str | Path, langs: Sequence[str] | None = None) -> "ActivationStats":
-        """Load from a run directory (uses manifest order) or a bare ``stats/`` directory."""
-        return cls.stack(load_language_stats(path, langs))
+    def load(cls, path: str | Path, langs: Sequence[str] | None = None, *, buckets: bool = True) -> "ActivationStats":
+        """Load from a run directory (uses manifest order) or a bare ``stats/`` directory.
+        ``buckets=False`` leaves out the per-bucket counts (checked, then dropped)."""
+        return cls.stack(load_language_stats(path, langs, buckets=buckets))
 
 
 def read_manifest_checked(run: RunDir) -> dict[str, Any]:
@@ -273,7 +392,8 @@ def read_manifest_checked(run: RunDir) -> dict[str, Any]:
     return manifest
 
 
-def load_language_stats(path: str | Path, langs: Sequence[str] | None = None) -> list[LanguageStats]:
+def load_language_stats(path: str | Path, langs: Sequence[str] | None = None, *,
+                        buckets: bool = True) -> list[LanguageStats]:
     """Each language's stats of a run directory, with its own metadata (corpus fingerprint,
     shard), checked against the checksums in manifest.json."""
     path = Path(path)
@@ -286,7 +406,8 @@ def load_language_stats(path: str | Path, langs: Sequence[str] | None = None) ->
     if not order:
         raise StatsError(f"no stats found under {stats_dir}; run `langneurons record` first")
     checksums = manifest.get("checksums", {})
-    return [LanguageStats.load(stats_dir / f"{lang}.safetensors", checksums.get(f"stats/{lang}.safetensors"))
+    return [LanguageStats.load(stats_dir / f"{lang}.safetensors", checksums.get(f"stats/{lang}.safetensors"),
+                               buckets=buckets)
             for lang in order]
 
 

@@ -33,6 +33,8 @@ def run(
     dtype: str = typer.Option("float32"),
     device: Optional[str] = typer.Option(None),
     pivot: str = typer.Option("en"),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of evaluation documents for ΔNLL intervals (0: none)."),
+    stability: int = typer.Option(0, help="Bootstrap resamples of the identification (0: skip)."),
     skip_ablation: bool = typer.Option(False, help="Stop after anatomy (no intervention matrix)."),
     force: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
@@ -55,6 +57,7 @@ def run(
                     method=method, top_rate=top_rate, bar=bar, lam=lam_value,
                     control=None if control == "none" else control, control_seeds=seeds, batch_size=batch_size,
                     max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs, dtype=dtype, device=device,
-                    pivot=pivot, skip_ablation=skip_ablation, force=force)
+                    pivot=pivot, bootstrap=bootstrap, stability=stability, skip_ablation=skip_ablation,
+                    force=force)
     report = run_pipeline(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")

@@ -273,3 +273,44 @@ def test_no_warnings_on_plain_run(llama, tokenizer, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         record(llama, tokenizer, text_corpus(), tmp_path, RecordConfig(), progress=False)
+
+
+def test_partial_counts_of_another_model_are_not_resumed(tokenizer, tmp_path, monkeypatch):
+    texts = [t for ts in SAMPLE_TEXTS.values() for t in ts]
+    corpus = Corpus({"en": [Example("en", text=t) for t in texts]})
+    model_a, model_b = make_model("llama", seed=1, vocab_size=len(tokenizer)), make_model("llama", seed=2,
+                                                                                          vocab_size=len(tokenizer))
+    ref_b = record(model_b, tokenizer, corpus, tmp_path / "ref", RecordConfig(batch_size=2), progress=False)
+    cfg = RecordConfig(batch_size=2, flush_every=2)
+    body = Recorder(model_a, tokenizer, cfg).body
+    real_forward = type(body).forward
+    seen = {"n": 0}
+
+    def dying_forward(self, *a, **k):
+        seen["n"] += 1
+        if seen["n"] == 6:
+            raise KeyboardInterrupt
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(type(body), "forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        record(model_a, tokenizer, corpus, tmp_path / "run", cfg, progress=False)
+    assert (tmp_path / "run" / "stats" / ".partial" / "en.safetensors").exists()
+    monkeypatch.setattr(type(body), "forward", real_forward)
+    got = record(model_b, tokenizer, corpus, tmp_path / "run", cfg, progress=False, force=True)
+    assert torch.equal(got.positive, ref_b.positive) and torch.equal(got.tokens, ref_b.tokens)
+
+
+def test_activation_layout_is_checked(llama, tokenizer):
+    """An activation laid out [T, B, N] (or packed) instead of [B, T, N] fails loudly."""
+    from langneurons.record import _Counter
+
+    rec = Recorder(llama, tokenizer, RecordConfig())
+    counter = _Counter(rec.sites, keep_sums=False)
+    counter.fired = [1, 1]
+    counter.counted_rows = [5, 5]
+    counter.shapes = [(2, 7), (7, 2)]  # layer 1 is transposed
+    with pytest.raises(LangNeuronsError, match=r"layers \[1\].*one row per token"):
+        rec._verify(counter, 5, (2, 7))
+    counter.shapes = [(2, 7), (14,)]  # OPT's flattened [B*T, N] is fine
+    rec._verify(counter, 5, (2, 7))

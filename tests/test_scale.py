@@ -95,6 +95,7 @@ def test_ddp_two_gloo_processes_equal_single_process(saved, loaded, reference, t
     # Rank 1's partial counts for ru: count as rank 1 of 2 and die after two batches.
     monkeypatch.setattr(record_mod, "_dist", lambda: (1, 2))
     rec = Recorder(loaded.model, loaded.tokenizer, cfg)
+    rec.identity = record_mod.partial_identity(loaded.fingerprint, "float32", rec.sites.hook_point)
     real, dying = _dying_forward(rec.body, after=2)
     monkeypatch.setattr(type(rec.body), "forward", dying)
     partial_ru = run / "stats" / ".partial" / "ru.rank1.safetensors"

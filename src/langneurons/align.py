@@ -194,6 +194,11 @@ class AlignConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         if self.prompt_template is not None:
             need("{question}" in self.prompt_template, "the prompt template must contain {question}")
+            try:
+                self.prompt_template.format(question="")
+            except (KeyError, IndexError, ValueError):
+                raise AlignError("the prompt template may only use the field {question} (write other braces "
+                                 "as {{ and }})") from None
 
 
 # --------------------------------------------------------------------------------------------

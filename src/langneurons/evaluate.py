@@ -361,7 +361,10 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         res = _score_docs(model, pooled, pad_id=pad_id, batch_size=batch_size, scope="pooled")
         out = {}
         for j, (a, b) in spans.items():
-            out[j] = EvalResult.from_docs(res.doc_nll[a:b], res.doc_tokens[a:b], res.doc_bytes[a:b], scopes[j])
+            try:
+                out[j] = EvalResult.from_docs(res.doc_nll[a:b], res.doc_tokens[a:b], res.doc_bytes[a:b], scopes[j])
+            except CorpusError as exc:
+                raise CorpusError(f"evaluation language {j!r}: {exc}") from None
         return out
 
     bar = tqdm(total=1 + len(unique), desc="ablation", unit="pass", disable=not progress,

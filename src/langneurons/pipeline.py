@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .corpus import Corpus, load_corpus
-from .io import atomic_write_text
+from .io import atomic_write_text, sha256_file
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,30 @@ def _example_record(e: Any) -> dict[str, Any]:
     return {"lang": e.lang, "id": e.id, "text": e.text}
 
 
+def _fresh_neuron_map(run: RunDir, cfg: RunConfig, stats_fingerprint: str, languages: list[str]) -> Any:
+    """The run's neuron map if it was made from these stats with these settings, else None.
+
+    Judged from the map's own metadata (not from the manifest, which `langneurons identify`
+    may have changed since), so a map made by hand with other settings is never taken for
+    this stage's output."""
+    from .errors import LangNeuronsError
+    from .neurons import NeuronMap
+
+    if not run.neurons_path.exists():
+        return None
+    try:
+        nmap = NeuronMap.load(run.neurons_path)
+    except LangNeuronsError:
+        return None
+    meta, params = nmap.meta, nmap.meta.get("params") or {}
+    lam = params.get("lam")
+    want_lam = None if cfg.method != "entropy-lambda" else ("auto" if cfg.lam == "auto" else float(cfg.lam))
+    fresh = (meta.get("method") == cfg.method and meta.get("stats_fingerprint") == stats_fingerprint
+             and nmap.languages == languages and params.get("top_rate") == float(cfg.top_rate)
+             and params.get("bar") == float(cfg.bar) and lam == want_lam)
+    return nmap if fresh else None
+
+
 def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -123,9 +147,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
 
     id_params = {"method": cfg.method, "top_rate": cfg.top_rate, "bar": cfg.bar, "lam": cfg.lam,
                  "stats_fingerprint": stats.fingerprint()}
-    manifest = run.read_manifest()
-    if not cfg.force and run.neurons_path.exists() and _same(manifest.get("identify", {}).get("inputs"), id_params):
-        nmap = NeuronMap.load(run.neurons_path)
+    nmap = _fresh_neuron_map(run, cfg, stats.fingerprint(), list(stats.languages)) if not cfg.force else None
+    if nmap is not None:
         echo("[identify] up to date, skipped")
     else:
         params: dict[str, Any] = {"top_rate": cfg.top_rate, "bar": cfg.bar}
@@ -150,7 +173,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
         timer.run("stability", lambda: run_stability(run.path, resamples=cfg.stability, progress=cfg.progress), echo)
 
     if not cfg.skip_ablation:
-        abl_inputs = {"neurons": nmap.meta.get("stats_fingerprint"), "identify": id_params,
+        abl_inputs = {"neurons_sha256": sha256_file(run.neurons_path), "identify": id_params,
                       "sets": list(cfg.neuron_sets), "control": cfg.control, "seeds": list(cfg.control_seeds),
                       "metrics": list(cfg.metrics), "eval_docs": {k: len(v) for k, v in eval_corpus.by_lang.items()},
                       "holdout": cfg.holdout, "scope": cfg.scope, "bootstrap": cfg.bootstrap}

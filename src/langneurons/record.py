@@ -156,6 +156,7 @@ class _Counter:
         self.bucket_positive: list[torch.Tensor | None] = [None] * sites.num_layers
         self.fired = [0] * sites.num_layers
         self.counted_rows = [0] * sites.num_layers
+        self.shapes: list[tuple[int, ...]] = [()] * sites.num_layers
         self.flat_index: torch.Tensor | None = None
         self._index_on: dict[torch.device, torch.Tensor] = {}
         self.segments: list[tuple[int, torch.Tensor]] | None = None
@@ -219,6 +220,7 @@ class _Counter:
                         sums += acts.sum(0, dtype=torch.float64)  # type: ignore[operator]
         self.fired[layer] += 1
         self.counted_rows[layer] += int(idx.numel())
+        self.shapes[layer] = tuple(out.shape[:-1])  # checked against the batch: one row per token
         return None
 
     def collect(self, num_neurons: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,6 +271,7 @@ class Recorder:
             raise LangNeuronsError(f"--batch-size must be >= 1, got {self.config.batch_size}")
         self.sites = sites or locate_activations(model, self.config.act_path)
         self.body = body_of(model)
+        self.identity = ""  # model fingerprint / dtype / hook point, set by record(); part of the partial key
         self.device = model.get_input_embeddings().weight.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
@@ -424,7 +427,7 @@ class Recorder:
                     counter.set_batch(flat.to(self.device), row_bucket)
                     self.body(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
                     n = int(counted.sum())
-                    self._verify(counter, n)
+                    self._verify(counter, n, tuple(ids.shape))
                     if num_buckets:  # after the forward pass: an interrupted batch is not in them
                         bucket_tokens.index_add_(0, doc_bucket, counted.sum(1).to(torch.int64))
                         bucket_docs.index_add_(0, doc_bucket, torch.ones(len(doc_bucket), dtype=torch.int64))
@@ -467,6 +470,9 @@ class Recorder:
 
     def _partial_key(self, encoded: Sequence[Encoded]) -> str:
         h = hashlib.sha256()
+        # Counts flushed by another model, dtype or hook point must never be resumed.
+        if self.identity:
+            h.update(self.identity.encode())
         h.update(json.dumps(self.config.fingerprint_fields(), sort_keys=True, default=str).encode())
         h.update(str(self.config.batch_size).encode())
         if self.config.buckets:  # (nothing added without buckets: older partial files stay valid)
@@ -485,13 +491,21 @@ class Recorder:
         with _writing(partial):
             counts.save(partial)
 
-    def _verify(self, counter: _Counter, n: int) -> None:
+    def _verify(self, counter: _Counter, n: int, batch_shape: tuple[int, ...] | None = None) -> None:
         bad = [layer for layer, f in enumerate(counter.fired) if f != 1]
         if bad:
             raise LangNeuronsError(
                 f"the activation hooks of layers {bad[:5]} fired {[counter.fired[b] for b in bad[:5]]} times in one "
                 "forward pass (expected once): a fused kernel, torch.compile or a shared module bypasses them; "
                 "disable compilation or pass --mlp-act-path")
+        if batch_shape is not None:
+            ok = {batch_shape, (batch_shape[0] * batch_shape[1],)}  # [B, T, N], or [B*T, N] (OPT)
+            odd = [layer for layer, s in enumerate(counter.shapes) if s not in ok]
+            if odd:
+                raise LangNeuronsError(
+                    f"the activation of layers {odd[:5]} has shape {list(counter.shapes[odd[0]])} + [N], not "
+                    f"{list(batch_shape)} + [N] (one row per token); this model lays out activations differently "
+                    "(packed sequences?) and cannot be counted safely")
         wrong = [layer for layer, c in enumerate(counter.counted_rows) if c != n]
         if wrong:
             raise LangNeuronsError(f"layers {wrong[:5]} counted a different number of tokens than the mask holds "
@@ -590,6 +604,13 @@ def model_meta(model: nn.Module, sites: ActivationSites, model_id: str, fingerpr
     }
 
 
+def partial_identity(model_fingerprint: str, dtype: str, hook_point: str) -> str:
+    """What makes flushed partial counts re-usable besides the settings: the same model,
+    dtype and hook point (`Recorder.identity`)."""
+    return json.dumps({"model_fingerprint": model_fingerprint, "dtype": dtype, "hook_point": hook_point},
+                      sort_keys=True)
+
+
 def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, config: RecordConfig | None = None,
            *, model_id: str = "", model_fingerprint: str | None = None, force: bool = False,
            progress: bool = True) -> ActivationStats:
@@ -625,6 +646,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                              "use another --out or --force")
 
     distributed.agree(check_run_dir)
+    recorder.identity = partial_identity(base_meta["model_fingerprint"], base_meta["dtype"], base_meta["hook_point"])
     parts: list[LanguageStats] = []
     for lang in corpus.languages:
         path = run.stats_path(lang)
@@ -654,6 +676,11 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 _remove_partials(run.stats_dir, lang)
             parts.append(prev)
             continue
+        if force:  # --force: nothing of an earlier attempt is re-used, partial counts included
+            partial.unlink(missing_ok=True)
+            if rank == 0:
+                _remove_partials(run.stats_dir, lang)
+            distributed.barrier()
         stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
         stats.meta = dict(meta, buckets=stats.num_buckets)  # 0 when a resumed partial lost them
         if rank == 0:

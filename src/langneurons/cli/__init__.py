@@ -41,16 +41,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors come as click exceptions
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # Usage errors: typer >= 0.22 raises exceptions of its own copy of click, so they are
+        # recognised by their interface (show() + exit_code) rather than by class.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            raise SystemExit(code) from None
+        if type(exc).__name__ == "Abort":
             raise SystemExit(1) from None
         raise
-
 
 if __name__ == "__main__":
     main()

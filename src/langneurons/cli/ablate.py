@@ -104,6 +104,10 @@ def ablate(
         raise LangNeuronsError(f"--positions must be 'all' or 'generated', got {positions!r}")
     if batch_size < 1:
         raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
+    if bootstrap < 0:
+        raise LangNeuronsError(f"--bootstrap must be >= 0 (0: no intervals), got {bootstrap}")
+    if max_examples is not None and max_examples < 1:
+        raise LangNeuronsError(f"--max-examples must be >= 1, got {max_examples}")
     ppl_metrics = [m for m in metrics if m in PPL_METRICS]
     want_acc = "accuracy" in metrics
 
@@ -120,8 +124,8 @@ def ablate(
     eval_path = eval_corpus
     if eval_path is None and record_info.get("eval_corpus"):
         eval_path = Path(record_info["eval_corpus"])
-        if not eval_path.is_absolute() and not eval_path.exists():
-            eval_path = run.path / eval_path  # a path relative to the run directory
+        if not eval_path.is_absolute() and (run.path / eval_path).exists():
+            eval_path = run.path / eval_path  # written by `langneurons run` next to the stats
     text_corpus: dict[str, list[Any]] | None = None
     problems: dict[str, list[Any]] | None = None
     if want_acc:
@@ -185,8 +189,11 @@ def ablate(
     # Keep rows of other metrics/sets from earlier runs of `ablate` (e.g. accuracy after nll).
     if run.ablation_path.exists():
         old = pd.read_parquet(run.ablation_path)
-        sets_all = set(df["neuron_set"])
-        keep = old[~(old["metric"].isin(set(df["metric"])) & old["neuron_set"].isin(sets_all))]
+        # A recomputed set replaces its old rows AND its old random-control rows (which were made
+        # on the old evaluation corpus and must not be compared with the new numbers).
+        base_sets = {str(x).removeprefix("random:") for x in df["neuron_set"]}
+        old_base = old["neuron_set"].astype(str).str.removeprefix("random:")
+        keep = old[~(old["metric"].isin(set(df["metric"])) & old_base.isin(base_sets))]
         if len(keep):
             df = pd.concat([keep, df], ignore_index=True)
     atomic_write(run.ablation_path, lambda p: df.to_parquet(p, index=False))
@@ -195,6 +202,7 @@ def ablate(
 
     figures = heatmaps(df, run.figures_dir)
     run.update_manifest({"ablation": {
+        "inputs": None,  # made by hand: `langneurons run` must not take it as its own up-to-date stage
         "neuron_sets": sets, "control": ctrl or "none", "control_seeds": seeds if ctrl else [],
         "metrics": metrics, "eval_corpus": None if eval_path is None or not ppl_metrics else str(eval_path),
         "math_corpus": None if problems is None else str(math_corpus or eval_corpus),

@@ -103,6 +103,7 @@ def identify(
         rel, inside = str(target.resolve()), False
     meta = nmap.meta
     run.update_manifest({"identify": {
+        "inputs": None,  # made by hand, not by `langneurons run`
         "method": meta["method"], "params": meta["params"], "tau": meta["tau"], "lambda": meta["lambda"],
         "lambda_saturated": meta["lambda_saturated"], "languages": nmap.languages,
         "num_selected": meta["num_selected"], "num_unassigned": meta["num_unassigned"],

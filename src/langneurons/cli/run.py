@@ -41,13 +41,34 @@ def run(
     """Record -> identify (auto λ) -> anatomy -> ablation matrix -> report.html."""
     from ..pipeline import RunConfig, run_pipeline
 
-    if scope not in ("all", "response"):
-        raise LangNeuronsError(f"--scope must be 'all' or 'response', got {scope!r}")
+    from ..identify import METHODS
+
+    # Everything is checked before the model loads: a bad option must not cost a recording.
+    checks = [
+        (scope in ("all", "response"), f"--scope must be 'all' or 'response', got {scope!r}"),
+        (method in METHODS, f"--method must be one of {', '.join(sorted(METHODS))}, got {method!r}"),
+        (0 < top_rate <= 1, f"--top-rate must be in (0, 1], got {top_rate}"),
+        (0 < bar <= 1, f"--bar must be in (0, 1], got {bar}"),
+        (0 < holdout <= 0.5, f"--holdout must be in (0, 0.5], got {holdout}"),
+        (control in ("random", "none"), f"--control must be 'random' or 'none', got {control!r}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (max_tokens_per_lang is None or max_tokens_per_lang >= 1,
+         f"--max-tokens-per-lang must be >= 1, got {max_tokens_per_lang}"),
+        (max_eval_docs is None or max_eval_docs >= 1, f"--max-eval-docs must be >= 1, got {max_eval_docs}"),
+        (bootstrap >= 0, f"--bootstrap must be >= 0 (0: no intervals), got {bootstrap}"),
+        (stability >= 0, f"--stability must be >= 0 (0: skip), got {stability}"),
+        (langs is None or len(split_list(langs) or []) >= 2, f"--langs needs at least 2 languages, got {langs!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LangNeuronsError(message)
     try:
         lam_value: str | float = lam if lam == "auto" else float(lam)
         seeds = tuple(int(s) for s in (split_list(control_seeds) or []))
     except ValueError:
         raise LangNeuronsError("--lambda must be 'auto' or a number, --control-seeds a comma list of integers") from None
+    if not isinstance(lam_value, str) and lam_value < 0:
+        raise LangNeuronsError(f"--lambda must be >= 0, got {lam_value}")
     from ..neurons import parse_classes
 
     neuron_sets = tuple(",".join(parse_classes(x)) for x in sets.split(";") if x.strip())

@@ -141,9 +141,13 @@ def heatmaps(df: Any, figures_dir: str | Path) -> list[Path]:
 
 
 # -- the report section ------------------------------------------------------------------------
-def _diag_off(tab: Any) -> tuple[list[float], list[float]]:
+def _diag_off(tab: Any, counts: dict | None = None) -> tuple[list[float], list[float]]:
+    """Own-language and other-language deltas; rows of languages with no neurons (delta exactly
+    0, nothing was deactivated) are left out so they do not dilute the means."""
     diag, off = [], []
     for r in tab.index:
+        if counts is not None and counts.get(r) == 0:
+            continue
         for c in tab.columns:
             v = float(tab.loc[r, c])
             if math.isfinite(v):
@@ -179,8 +183,8 @@ def summary(df: Any, metric: str = "nll") -> list[dict[str, Any]]:
                 # "hurts most": the own loss rises, and by more than any other language's
                 "hurts_own_most": bool(n != 0 and own > 0 and (not others or own > max(others.values()))),
             })
-        diag, off = _diag_off(tab)
-        rdiag, roff = _diag_off(rand) if rand is not None else ([], [])
+        diag, off = _diag_off(tab, counts)
+        rdiag, roff = _diag_off(rand, counts) if rand is not None else ([], [])
         out.append({"neuron_set": nset, "languages": langs, "diag_mean": _mean(diag), "off_mean": _mean(off),
                     "random_diag_mean": _mean(rdiag), "random_off_mean": _mean(roff),
                     "own_most": sum(x["hurts_own_most"] for x in langs),

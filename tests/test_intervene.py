@@ -340,3 +340,39 @@ def test_random_control_matches_counts_and_is_seeded():
     assert (f[1] & ~big[1]).sum() == 10  # every neuron outside the set, then 30 from inside it
     with pytest.raises(LangNeuronsError, match="num_neurons"):
         random_control(lists, seed=0)
+
+
+def test_generated_positions_on_opt_flattened_activation(tokenizer):
+    """OPT's activation is [B*T, N]: the 'generated' logic must still patch only new tokens."""
+    opt = make_model("opt", vocab_size=len(tokenizer))
+    sites = locate_activations(opt)
+    mask = _some_mask(sites.num_layers, sites.num_neurons, per_layer=24, seed=3)
+    ids = tokenizer("The cat sat", return_tensors="pt")["input_ids"]
+    P, steps = ids.shape[1], 6
+    idx = as_indices(mask, sites.num_layers, sites.num_neurons)
+    flat_ref = []  # the reference hook must handle [B*T, N] too
+
+    def reference() -> torch.Tensor:
+        handles = []
+        for layer, index in enumerate(idx):
+            def hook(_m, _i, out, index=index):
+                out = out.clone().view(1, -1, out.shape[-1])
+                out[:, P:, index] = 0
+                flat_ref.append(1)
+                return out.view(-1, out.shape[-1])
+            handles.append(sites.modules[layer].register_forward_hook(hook))
+        cur = ids
+        try:
+            with torch.no_grad():
+                for _ in range(steps):
+                    nxt = opt(input_ids=cur, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                    cur = torch.cat([cur, nxt], 1)
+        finally:
+            for h in handles:
+                h.remove()
+        return cur
+
+    gen_kw = dict(max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), deactivate(opt, mask, positions="generated"):
+        cached = opt.generate(ids, **gen_kw)
+    assert torch.equal(cached, reference()) and flat_ref

@@ -161,12 +161,17 @@ class _Patcher:
         # Start index (in the hook's sequence dim) of the patched positions for the current forward;
         # None = not inside a forward of the patched model (only matters for "generated").
         self.start: int | None = None
+        self.batch: int | None = None  # batch size of the current forward (OPT flattens [B*T, N])
         self.first_layer = iv.layers[0] if iv.layers else -1
         self._idx_on: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._vals_on: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     # model-level hooks (only for positions="generated")
     def pre_forward(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
         if _cache_is_empty(args, kwargs):
             # A prefill reads the prompt: patch nothing, or from the given prompt length on.
             self.start = self.prompt_length if self.prompt_length is not None else 1 << 62
@@ -201,12 +206,22 @@ class _Patcher:
             if self.start is None:
                 raise LangNeuronsError("positions='generated' needs the forward to go through the model passed "
                                        "to deactivate() (it reads the KV cache to tell prompt from new tokens)")
+            flat_shape = None
+            if out.dim() == 2 and self.batch and out.shape[0] % self.batch == 0:
+                flat_shape = out.shape  # OPT: [B*T, N] -> [B, T, N] for the position logic, back below
+                out = out.view(self.batch, -1, out.shape[-1])
             if out.dim() != 3:
                 raise LangNeuronsError(f"positions='generated' needs a [batch, seq, neurons] activation, got "
                                        f"shape {list(out.shape)}")
             start = min(self.start, out.shape[1])
             if start >= out.shape[1]:
                 return None  # only prompt positions in this forward
+            if flat_shape is not None:
+                patched = self._patch(layer, out, start)
+                return patched.reshape(flat_shape)
+        return self._patch(layer, out, start)
+
+    def _patch(self, layer: int, out: torch.Tensor, start: int) -> torch.Tensor:
         if layer == self.first_layer:
             self.iv.patched_positions += int(out[..., 0].numel() if start == 0 else out[:, start:, 0].numel())
         dev = out.device

@@ -9,6 +9,9 @@ Layout::
     RUN_DIR/anatomy.json             layer anatomy and phases (anatomy.py)
     RUN_DIR/ablation.parquet         intervention matrix (evaluate.py)
     RUN_DIR/generations.jsonl        generations under interventions
+    RUN_DIR/eval_corpus.jsonl        held-out documents used by `run` for the ablation
+    RUN_DIR/stability*.parquet       bootstrap / split-half stability (confidence.py)
+    RUN_DIR/null.parquet             permutation null of the class counts
     RUN_DIR/figures/                 PNG + SVG figures
     RUN_DIR/report.html              self-contained report
 """

@@ -32,7 +32,7 @@ from langneurons.neurons import NeuronMap
 from langneurons.record import RecordConfig, Recorder, record
 from langneurons.runs import RunDir
 from langneurons.stats import ActivationStats, LanguageStats, merge_runs
-from tiny import SAMPLE_TEXTS, save_tiny
+from tiny import SAMPLE_TEXTS, save_tiny, dying_forward
 
 
 
@@ -191,16 +191,9 @@ def test_buckets_survive_flush_and_resume(llama, tokenizer, tmp_path, monkeypatc
     ref = record(llama, tokenizer, corpus, tmp_path / "ref", RecordConfig(batch_size=2, buckets=3), progress=False)
     cfg = RecordConfig(batch_size=2, flush_every=2, buckets=3)
     body = Recorder(llama, tokenizer, cfg).body
-    real_forward = type(body).forward
-    seen = {"n": 0}
+    real_forward, dying = dying_forward(body, 6)
 
-    def dying_forward(self, *a, **k):
-        seen["n"] += 1
-        if seen["n"] == 6:
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(type(body), "forward", dying_forward)
+    monkeypatch.setattr(type(body), "forward", dying)
     with pytest.raises(KeyboardInterrupt):
         record(llama, tokenizer, corpus, tmp_path / "run", cfg, progress=False)
     partial = LanguageStats.load(tmp_path / "run" / "stats" / ".partial" / "en.safetensors")
@@ -219,17 +212,10 @@ def test_resume_from_a_partial_without_buckets_keeps_totals(llama, tokenizer, tm
     ref = record(llama, tokenizer, corpus, tmp_path / "ref", RecordConfig(batch_size=2), progress=False)
     cfg = RecordConfig(batch_size=2, flush_every=2)
     rec = Recorder(llama, tokenizer, cfg)
-    real_forward = type(rec.body).forward
-    seen = {"n": 0}
-
-    def dying_forward(self, *a, **k):
-        seen["n"] += 1
-        if seen["n"] == 5:
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
+    real_forward, dying = dying_forward(rec.body, 5)
 
     partial_path = tmp_path / "p.safetensors"
-    monkeypatch.setattr(type(rec.body), "forward", dying_forward)
+    monkeypatch.setattr(type(rec.body), "forward", dying)
     with pytest.raises(KeyboardInterrupt):
         rec.count(corpus.by_lang["en"], lang="en", partial=partial_path, progress=False)
     monkeypatch.setattr(type(rec.body), "forward", real_forward)

@@ -12,7 +12,7 @@ from langneurons.corpus import Corpus, Example
 from langneurons.errors import ArchitectureError, CorpusError, LangNeuronsError, StatsError
 from langneurons.record import RecordConfig, Recorder, record
 from langneurons.stats import ActivationStats, merge_runs
-from tiny import FAMILIES, SAMPLE_TEXTS, make_model
+from tiny import FAMILIES, SAMPLE_TEXTS, make_model, dying_forward
 
 
 def text_corpus(langs=("en", "de", "zh", "ru")) -> Corpus:
@@ -190,16 +190,9 @@ def test_interrupted_language_resumes_without_double_counting(llama, tokenizer, 
     ref = record(llama, tokenizer, corpus, tmp_path / "ref", RecordConfig(batch_size=2), progress=False)
     cfg = RecordConfig(batch_size=2, flush_every=2)
     body = Recorder(llama, tokenizer, cfg).body
-    real_forward = type(body).forward
-    seen = {"n": 0}
+    real_forward, dying = dying_forward(body, 6)
 
-    def dying_forward(self, *a, **k):
-        seen["n"] += 1
-        if seen["n"] == 6:
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(type(body), "forward", dying_forward)
+    monkeypatch.setattr(type(body), "forward", dying)
     with pytest.raises(KeyboardInterrupt):
         record(llama, tokenizer, corpus, tmp_path / "run", cfg, progress=False)
     partial = tmp_path / "run" / "stats" / ".partial" / "en.safetensors"
@@ -283,16 +276,9 @@ def test_partial_counts_of_another_model_are_not_resumed(tokenizer, tmp_path, mo
     ref_b = record(model_b, tokenizer, corpus, tmp_path / "ref", RecordConfig(batch_size=2), progress=False)
     cfg = RecordConfig(batch_size=2, flush_every=2)
     body = Recorder(model_a, tokenizer, cfg).body
-    real_forward = type(body).forward
-    seen = {"n": 0}
+    real_forward, dying = dying_forward(body, 6)
 
-    def dying_forward(self, *a, **k):
-        seen["n"] += 1
-        if seen["n"] == 6:
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(type(body), "forward", dying_forward)
+    monkeypatch.setattr(type(body), "forward", dying)
     with pytest.raises(KeyboardInterrupt):
         record(model_a, tokenizer, corpus, tmp_path / "run", cfg, progress=False)
     assert (tmp_path / "run" / "stats" / ".partial" / "en.safetensors").exists()

@@ -90,3 +90,18 @@ def save_tiny(path: Path, family: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def dying_forward(module: torch.nn.Module, call: int):
+    """(real_forward, replacement) for ``type(module).forward`` that raises KeyboardInterrupt on
+    its ``call``-th call: an interrupted run (Ctrl-C, preemption) at a known batch."""
+    real_forward = type(module).forward
+    seen = {"n": 0}
+
+    def forward(self, *a, **k):
+        seen["n"] += 1
+        if seen["n"] == call:
+            raise KeyboardInterrupt
+        return real_forward(self, *a, **k)
+
+    return real_forward, forward

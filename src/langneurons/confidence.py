@@ -372,20 +372,12 @@ def _kth_lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _select_lowest(scores: torch.Tensor, k: int, kth: torch.Tensor | None = None) -> torch.Tensor:
-    """Exactly `identify.select_lowest` (k lowest, ties at the cut: lower flat index first)."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    kth = _kth_lowest(flat, k) if kth is None else kth
-    chosen = flat < kth
-    missing = k - int(torch.count_nonzero(chosen))
-    if missing > 0:
-        ties = torch.nonzero(flat == kth).flatten()[:missing]
-        chosen[ties] = True
-    return chosen.view(scores.shape)
+    """`identify.select_lowest`, with the k-th value computed by the fast top-k path here."""
+    from .identify import select_lowest
+
+    if kth is None and 0 < k < scores.numel():
+        kth = _kth_lowest(scores.reshape(-1), k)
+    return select_lowest(scores, k, kth)
 
 
 def _kth_near(values: torch.Tensor, k: int, guess: float | None, rel: float = 0.01) -> torch.Tensor:

@@ -102,11 +102,12 @@ def activation_threshold(probs: torch.Tensor, bar: float) -> torch.Tensor:
     return kth_smallest(probs, k)
 
 
-def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+def select_lowest(scores: torch.Tensor, k: int, kth: torch.Tensor | None = None) -> torch.Tensor:
     """bool mask (shape of ``scores``) of the k lowest scores; ties at the cut -> lower flat index.
 
     O(numel): one ``kthvalue``, then every score strictly below the k-th value, then the
     remaining places filled with the scores equal to it in increasing flat-index order.
+    ``kth`` (optional) is the k-th smallest score when the caller already has it.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -114,7 +115,7 @@ def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    kth = kth_smallest(flat, k)
+    kth = kth_smallest(flat, k) if kth is None else kth
     chosen = flat < kth
     missing = k - int(torch.count_nonzero(chosen))
     if missing > 0:

@@ -48,3 +48,15 @@ def test_a_hand_made_neuron_map_is_not_taken_as_up_to_date(setup, capsys):
     assert "[ablate] up to date, skipped" in text
     nmap = NeuronMap.load(out)
     assert nmap.meta["params"]["top_rate"] == 0.1 and nmap.languages == ["de", "en", "ru", "zh"]
+
+
+def test_changed_record_settings_rerecord_instead_of_failing(setup, capsys):
+    model, corpus, out = setup
+    run(model, corpus, out)
+    run(model, corpus, out, "--max-tokens-per-lang", "20")
+    text = capsys.readouterr().out
+    assert "[identify] up to date" not in text
+    from langneurons.stats import ActivationStats
+
+    stats = ActivationStats.load(out)
+    assert stats.meta["record_config"]["max_tokens_per_lang"] == 20 and int(stats.tokens.max()) < 60

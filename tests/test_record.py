@@ -300,3 +300,8 @@ def test_activation_layout_is_checked(llama, tokenizer):
         rec._verify(counter, 5, (2, 7))
     counter.shapes = [(2, 7), (14,)]  # OPT's flattened [B*T, N] is fine
     rec._verify(counter, 5, (2, 7))
+
+
+def test_include_special_is_refused_in_response_scope(llama, tokenizer):
+    with pytest.raises(LangNeuronsError, match="include-special"):
+        Recorder(llama, tokenizer, RecordConfig(scope="response", include_special=True))

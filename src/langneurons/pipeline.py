@@ -135,7 +135,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
                            max_tokens_per_lang=cfg.max_tokens_per_lang)
     stats: ActivationStats = timer.run(
         "record", lambda: record(loaded.model, loaded.tokenizer, id_corpus, run.path, rec_cfg, model_id=loaded.source,
-                                 model_fingerprint=loaded.fingerprint, force=cfg.force, progress=cfg.progress), echo)
+                                 model_fingerprint=loaded.fingerprint, force=cfg.force, progress=cfg.progress,
+                                 redo_stale=True), echo)
     # The held-out documents are written next to the stats so `langneurons ablate RUN` finds them.
     eval_path = run.path / "eval_corpus.jsonl"
     atomic_write_text(eval_path, "".join(json.dumps(_example_record(e), ensure_ascii=False) + "\n"

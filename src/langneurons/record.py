@@ -267,6 +267,9 @@ class Recorder:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or RecordConfig()
+        if self.config.include_special and self.config.scope == "response":
+            raise LangNeuronsError("--include-special applies to the 'all' scope only: the response scope counts "
+                                   "the response's own tokens (drop --include-special, or use --scope all)")
         if self.config.batch_size < 1:
             raise LangNeuronsError(f"--batch-size must be >= 1, got {self.config.batch_size}")
         self.sites = sites or locate_activations(model, self.config.act_path)
@@ -613,8 +616,12 @@ def partial_identity(model_fingerprint: str, dtype: str, hook_point: str) -> str
 
 def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, config: RecordConfig | None = None,
            *, model_id: str = "", model_fingerprint: str | None = None, force: bool = False,
-           progress: bool = True) -> ActivationStats:
+           progress: bool = True, redo_stale: bool = False) -> ActivationStats:
     """Record every language of ``corpus`` into the run directory ``out`` (resumable).
+
+    A language already recorded with the same settings is skipped; one recorded with other
+    settings is an error (it would be silently replaced), unless ``redo_stale`` (what
+    `langneurons run` uses when its own settings changed) records it again.
 
     Data parallel when launched by torchrun/accelerate (see `distributed`): every rank calls
     this with the same arguments; rank 0 decides which languages are finished and is the
@@ -663,6 +670,9 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 raise StatsError(f"{exc} (or pass --force to record everything again)") from None
             if all(prev.meta.get(k) == meta.get(k) for k in _RESUME_KEYS):
                 return prev
+            if redo_stale:
+                log.warning("%s: recorded with other settings; recording it again", path.stem)
+                return None
             raise StatsError(f"{path} was recorded with other settings (model, scope, corpus or options); "
                              "use another --out, or --force to overwrite")
 
@@ -676,7 +686,8 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 _remove_partials(run.stats_dir, lang)
             parts.append(prev)
             continue
-        if force:  # --force: nothing of an earlier attempt is re-used, partial counts included
+        if force:  # --force: nothing of an earlier attempt is re-used, partial counts included (a partial
+            # of other settings never matches its key, so `redo_stale` needs no deletion here)
             partial.unlink(missing_ok=True)
             if rank == 0:
                 _remove_partials(run.stats_dir, lang)

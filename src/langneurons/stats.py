@@ -562,6 +562,11 @@ def import_njunlp(files: dict[str, tuple[Path, Path | None]]) -> list[LanguageSt
     """The paper authors' full/prefix pairs ``{"total_tokens", "over_zero"}``.
 
     response counts = clamp(full - prefix, 0), tokens = full - prefix (their two-pass method).
+    Their code divides by max(tokens, 1); we keep counts, so two deliberate differences: a
+    language with tokens = 0 is refused by `validate` (p would be 0 for every neuron, which
+    only adds a meaningless language), and counts are capped at tokens (p <= 1) because the
+    boundary effect of the two tokenisations can make full - prefix exceed the response
+    tokens. Both are rare and logged in the counts' metadata (`source_format`).
     """
     out = []
     for lang, (full_f, prefix_f) in files.items():

@@ -146,9 +146,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
                                                    "rule": f"every {max(int(round(1 / cfg.holdout)), 2)}th document",
                                                    "documents": {k: len(v) for k, v in eval_corpus.by_lang.items()}}}})
 
+    stats_fingerprint = stats.fingerprint()
     id_params = {"method": cfg.method, "top_rate": cfg.top_rate, "bar": cfg.bar, "lam": cfg.lam,
-                 "stats_fingerprint": stats.fingerprint()}
-    nmap = _fresh_neuron_map(run, cfg, stats.fingerprint(), list(stats.languages)) if not cfg.force else None
+                 "stats_fingerprint": stats_fingerprint}
+    nmap = _fresh_neuron_map(run, cfg, stats_fingerprint, list(stats.languages)) if not cfg.force else None
     if nmap is not None:
         echo("[identify] up to date, skipped")
     else:
@@ -176,15 +177,13 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
     if not cfg.skip_ablation:
         abl_inputs = {"neurons_sha256": sha256_file(run.neurons_path), "identify": id_params,
                       "sets": list(cfg.neuron_sets), "control": cfg.control, "seeds": list(cfg.control_seeds),
-                      "metrics": list(cfg.metrics), "eval_docs": {k: len(v) for k, v in eval_corpus.by_lang.items()},
+                      "metrics": list(cfg.metrics), "eval_sha256": sha256_file(eval_path),
                       "holdout": cfg.holdout, "scope": cfg.scope, "bootstrap": cfg.bootstrap}
         if not cfg.force and run.ablation_path.exists() and _same(run.read_manifest().get("ablation", {}).get("inputs"),
                                                                   abl_inputs):
             echo("[ablate] up to date, skipped")
         else:
             def ablate() -> None:
-                import pandas as pd  # noqa: F401
-
                 from .io import atomic_write
                 from .report.ablation import heatmaps
 
@@ -193,6 +192,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
                                      control_seeds=cfg.control_seeds, metrics=cfg.metrics,
                                      batch_size=cfg.batch_size, progress=cfg.progress, bootstrap=cfg.bootstrap)
                 atomic_write(run.ablation_path, lambda p: df.to_parquet(p, index=False))
+                run.record_checksum(run.ablation_path)
                 heatmaps(df, run.figures_dir)
                 run.update_manifest({"ablation": {"inputs": abl_inputs, "rows": len(df),
                                                   "path": run.ablation_path.name}})

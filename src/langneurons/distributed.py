@@ -87,9 +87,16 @@ def init_from_env(device: str | None = None) -> tuple[int, int]:
 
 
 def shutdown() -> None:
-    """Destroy the default process group (only when one exists)."""
+    """Destroy the default process group (only when one exists).
+
+    All ranks meet at a barrier first: a rank that tears gloo down while its peer still has a
+    collective or a socket open can make the peer abort ("terminate called without an active
+    exception", seen on 2 CPU ranks when rank 0 was still cleaning up after the last barrier)."""
     if _dist_ready():
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def _collective_device() -> torch.device:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from .errors import LangNeuronsError
+from .corpus import split_lines
 from .io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from .runs import RunDir
 
@@ -291,7 +292,7 @@ def _read_question_file(path: Path) -> list[Question]:
         if file_lang is None:
             raise AlignError(f"cannot tell the language of {path}: name MGSM files mgsm_<lang>.tsv")
         n = 0
-        for i, line in enumerate(_read_text(path).splitlines(), 1):
+        for i, line in enumerate(split_lines(_read_text(path)), 1):
             if not line.strip():
                 continue
             question, sep, answer = line.rpartition("\t")
@@ -302,7 +303,7 @@ def _read_question_file(path: Path) -> list[Question]:
                                 answer=answer.strip() or None, source=f"{path}:{i}"))
     elif suffix == ".jsonl":
         ordinals: dict[str | None, int] = {}
-        for i, line in enumerate(_read_text(path).splitlines(), 1):
+        for i, line in enumerate(split_lines(_read_text(path)), 1):
             if not line.strip():
                 continue
             try:
@@ -1271,7 +1272,7 @@ def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(split_lines(_read_text(path)), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

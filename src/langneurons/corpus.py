@@ -113,6 +113,11 @@ def _read_lines(path: Path) -> list[str]:
         line = data[: exc.start].count(b"\n") + 1
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                           "re-encode the file as UTF-8") from None
+    return split_lines(text)
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split on ``\n`` only (CRLF tolerated, a leading BOM dropped); see `_read_lines`."""
     text = text.removeprefix("\ufeff")
     if not text:
         return []

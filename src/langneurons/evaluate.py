@@ -264,6 +264,16 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
     return jobs
 
 
+def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
+    """One job per distinct non-empty mask: an empty mask is the baseline, and identical masks
+    (e.g. "specific" and "specific,related" for a language without related neurons) run once."""
+    unique: dict[bytes, _Job] = {}
+    for job in jobs:
+        if job.mask.any():
+            unique.setdefault(job.key, job)
+    return unique
+
+
 def _check_control(control: str | None) -> str | None:
     if control in (None, "none", ""):
         return None
@@ -339,10 +349,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         _warn_skipped(docs[j], scopes[j], f"{j}: ")
 
     jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
-    unique: dict[bytes, _Job] = {}
-    for job in jobs:
-        if job.mask.any():
-            unique.setdefault(job.key, job)
+    unique = _distinct_masks(jobs)
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -754,10 +761,7 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
     det_langs = tuple(sorted(set(detect_languages or DEFAULT_DETECT_LANGUAGES) | set(map(_primary, math_corpus))))
     language_detector(det_langs)  # fail early on languages lingua does not know
     jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
-    unique: dict[bytes, _Job] = {}
-    for job in jobs:
-        if job.mask.any():
-            unique.setdefault(job.key, job)
+    unique = _distinct_masks(jobs)
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()

@@ -344,8 +344,11 @@ def test_anatomy_json_schema_and_roundtrip(tmp_path):
     nmap = planted_map(pl["specific"], pl["related"], pl["general"], K=4, N=120, seed=2,
                        languages=["en", "de", "zh", "ru"])
     an = analyze(nmap)
-    path = an.save(tmp_path)
-    assert path == RunDir(tmp_path).anatomy_path
+    nmap.save(RunDir(tmp_path).neurons_path)
+    from langneurons.stages import AnatomyStage
+
+    an = AnatomyStage(tmp_path, "en").run_stage()
+    path = RunDir(tmp_path).anatomy_path
     d = json.loads(path.read_text())
     assert [p["name"] for p in d["phases"]] == list(PHASE_NAMES)
     for p in d["phases"]:
@@ -359,8 +362,9 @@ def test_anatomy_json_schema_and_roundtrip(tmp_path):
         assert key in d
     assert len(d["appear"]) == 5 and np.array(d["overlap"]).shape == (4, 4)
     manifest = RunDir(tmp_path).read_manifest()
-    assert manifest["anatomy"]["phases_reliable"] == an.phases_reliable
-    assert manifest["anatomy"]["phases"][0] == [PHASE_NAMES[0], 0, 4]
+    section = RunDir(tmp_path).stage_result("anatomy")
+    assert section["phases_reliable"] == an.phases_reliable
+    assert section["phases"][0] == [PHASE_NAMES[0], 0, 4]
     assert "anatomy.json" in manifest["checksums"]
     back = Anatomy.load(tmp_path)
     assert back.to_json() == json.loads(json.dumps(an.to_json()))

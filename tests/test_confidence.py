@@ -148,7 +148,7 @@ def test_recorded_buckets_equal_recordings_of_each_bucket_alone(llama, tokenizer
     assert torch.equal(loaded.bucket_positive, full.bucket_positive.to(torch.int32))
     assert not ActivationStats.load(tmp_path / "full", buckets=False).has_buckets
     manifest = RunDir(tmp_path / "full").read_manifest()
-    assert manifest["record"]["buckets"] == {"en": B, "zh": B}
+    assert manifest["stages"]["record"]["result"]["buckets"] == {"en": B, "zh": B}
 
 
 def test_bucket_counts_are_validated():
@@ -637,14 +637,14 @@ def test_cli_stability_and_null_write_their_files(tmp_path, capsys):
         assert freq[r.layer, r.neuron] == pytest.approx(r.selection_freq)
     assert int(core.sum()) == int(table["stable"].sum())
     manifest = RunDir(tmp_path).read_manifest()
-    assert manifest["confidence"]["stability"]["resamples"] == 20
-    assert manifest["confidence"]["stability"]["neuron_map_updated"] is True
-    assert manifest["confidence"]["null"]["tests"]["specific"]["p_value"] == pytest.approx(1 / 16, abs=0.02)
+    assert manifest["stages"]["stability"]["result"]["resamples"] == 20
+    assert manifest["stages"]["stability"]["result"]["neuron_map_updated"] is True
+    assert manifest["stages"]["null"]["result"]["tests"]["specific"]["p_value"] == pytest.approx(1 / 16, abs=0.02)
     RunDir(tmp_path).verify_checksum(tmp_path / "neurons.safetensors")  # the map was rewritten with its checksum
     # --quick: split-half only
     main(["stability", str(tmp_path), "--quick"])
     assert (tmp_path / conf.SPLIT_HALF_FILE).is_file()
-    assert "split_half" in RunDir(tmp_path).read_manifest()["confidence"]
+    assert "split_half" in RunDir(tmp_path).read_manifest()["stages"]
 
 
 def test_cli_parameters_come_from_the_run(tmp_path):

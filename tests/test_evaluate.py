@@ -370,8 +370,9 @@ def test_cli_ablate(tmp_path, capsys):
     assert len(df) == 2 * 3 * 2 * 3 * 3  # sets x rows x (real + 1 seed) x cols x metrics
     assert ((df.delta - (df.ablated - df.base)).abs() < 1e-12).all()
     man = run.read_manifest()
-    assert man["ablation"]["neuron_sets"] == ["specific", "specific,related"]
-    assert man["ablation"]["control_seeds"] == [0] and "ablation.parquet" in man["checksums"]
+    section = run.stage_result("ablation")
+    assert section["neuron_sets"] == ["specific", "specific,related"]
+    assert section["control_seeds"] == [0] and "ablation.parquet" in man["checksums"]
     assert (run.figures_dir / "ablation_nll_specific.png").exists()
     assert (run.figures_dir / "ablation_nll_random-specific-related.svg").exists()
 

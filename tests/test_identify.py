@@ -726,7 +726,7 @@ def test_cli_identify_export_import(run_dir, capsys, tmp_path):
     for lang in ("en", "de", "zh", "ru"):
         assert any(line.startswith(lang) for line in out.splitlines())
     manifest = json.loads((run / "manifest.json").read_text())
-    entry = manifest["identify"]
+    entry = manifest["stages"]["identify"]["result"]
     assert entry["method"] == "entropy-lambda" and entry["path"] == "neurons.safetensors"
     assert entry["tau"] == expected.meta["tau"] and entry["lambda"] == expected.meta["lambda"]
     assert entry["params"]["lam_range"] == [0.0, 4.0]

@@ -187,7 +187,7 @@ def test_html_is_self_contained_with_every_section(built):
     for n in FIGURES:
         assert f"figure-{n}" in doc.ids
     manifest = RunDir(d).read_manifest()
-    assert manifest["report"]["sections"] == [f"section-{s}" for s in BASE_SECTIONS + ["interventions"]]
+    assert manifest["stages"]["report"]["result"]["sections"] == [f"section-{s}" for s in BASE_SECTIONS + ["interventions"]]
     assert (RunDir(d).anatomy_path).is_file()  # computed because it was missing
 
 

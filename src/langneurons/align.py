@@ -1282,14 +1282,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _step_done(run: RunDir, name: str, key: str, path: Path) -> bool:
-    rec = run.read_manifest().get("steps", {}).get(name)
-    return (isinstance(rec, dict) and rec.get("key") == key and path.is_file()
-            and rec.get("sha256") == sha256_file(path))
+    """An alignment step is current by the stage layer's one rule (`stage.is_fresh`)."""
+    from .stage import is_fresh
+
+    return path.is_file() and is_fresh(run, name, {"key": key})
 
 
 def _record_step(run: RunDir, name: str, key: str, path: Path, count: int, seconds: float) -> None:
-    run.update_manifest({"steps": {name: {"key": key, "file": path.name, "sha256": sha256_file(path),
-                                          "count": count, "seconds": round(seconds, 3)}}})
+    from .stage import commit_stage
+
+    commit_stage(run, name, {"key": key}, [path], {"file": path.name, "count": count}, seconds, by="align")
 
 
 @dataclass

@@ -260,14 +260,9 @@ class Anatomy:
         return cls(**kw)
 
     def save(self, run_dir: str | Path) -> Path:
-        run = RunDir(run_dir)
-        path = atomic_write_json(run.anatomy_path, self.to_json())
-        run.update_manifest({"anatomy": {
-            "file": run.anatomy_path.name, "pivot": self.pivot.get("lang"),
-            "phases": [[p.name, p.start, p.end] for p in self.phases],
-            "phases_reliable": self.phases_reliable, "neurons_sha256": self.neurons_sha256}})
-        run.record_checksum(path)
-        return path
+        """Write RUN_DIR/anatomy.json (atomically). The manifest record is the stage's business
+        (`stages.AnatomyStage`)."""
+        return atomic_write_json(RunDir(run_dir).anatomy_path, self.to_json())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Anatomy":
@@ -447,23 +442,17 @@ def analyze_run(run_dir: str | Path, pivot: str = "en", config: PhaseConfig | No
 
 
 def load_or_analyze(run_dir: str | Path, pivot: str | None = None, save: bool = True) -> Anatomy:
-    """RUN_DIR/anatomy.json when it matches the current neuron map (and pivot), else recompute
-    (and save when ``save``)."""
+    """RUN_DIR/anatomy.json when the anatomy stage is current for this neuron map (and pivot),
+    else recompute (and save + record the stage when ``save``). ``pivot`` None keeps the pivot
+    of the last anatomy (else "en")."""
+    from .stages import AnatomyStage
+
     run = RunDir(run_dir)
     if not run.neurons_path.is_file():
         raise NeuronMapError(f"{run.neurons_path} does not exist; run `langneurons identify {run_dir}` first")
-    previous = None
-    if run.anatomy_path.is_file():
-        try:
-            previous = Anatomy.load(run_dir)
-        except NeuronMapError:
-            previous = None
-        if (previous is not None and previous.neurons_sha256 == sha256_file(run.neurons_path)
-                and (pivot is None or previous.pivot.get("lang") == pivot)):
-            return previous
     if pivot is None:
-        pivot = str(previous.pivot.get("lang") or "en") if previous is not None else "en"
-    an = analyze_run(run_dir, pivot)
+        pivot = str(run.stage_result("anatomy").get("pivot") or "en")
+    stage = AnatomyStage(run, pivot, by="report")
     if save:
-        an.save(run_dir)
-    return an
+        return stage.run_stage()
+    return stage.load() if stage.fresh() else stage.compute()

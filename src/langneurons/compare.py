@@ -77,13 +77,18 @@ class RunInput:
 
     @property
     def scope(self) -> Any:
-        rec = self.manifest.get("record") if isinstance(self.manifest.get("record"), dict) else {}
-        return rec.get("scope", self.nmap.meta.get("scope"))
+        return self.record_info.get("scope", self.nmap.meta.get("scope"))
 
     @property
     def include_special(self) -> Any:
-        rec = self.manifest.get("record") if isinstance(self.manifest.get("record"), dict) else {}
-        return rec.get("include_special")
+        return self.record_info.get("include_special")
+
+    @property
+    def record_info(self) -> dict[str, Any]:
+        """The run's ``record`` stage section (scope, include_special, tokens ...)."""
+        stages = self.manifest.get("stages") if isinstance(self.manifest.get("stages"), dict) else {}
+        rec = stages.get("record") if isinstance(stages.get("record"), dict) else {}
+        return rec.get("result") if isinstance(rec.get("result"), dict) else {}
 
     @property
     def model_info(self) -> dict[str, Any]:

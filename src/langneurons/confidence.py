@@ -130,25 +130,22 @@ class IdentifySpec:
 def run_spec(run_dir: str | Path, method: str | None = None, lam: str | float = "run",
              nmap: NeuronMap | None = None) -> IdentifySpec:
     """The identification parameters of a run: from its neuron map's metadata, else from
-    manifest["identify"], else the defaults. ``method`` overrides the run's method (then only
+    the ``identify`` stage record, else the defaults. ``method`` overrides the run's method (then only
     top_rate and bar are taken from the run). ``lam`` (entropy-lambda only): ``"run"`` -- what
     the run did (auto λ when it searched, its fixed λ when it had one); ``"auto"`` -- search λ
     again in every resample; ``"fixed"`` -- keep the λ the run found; or a number."""
     run = RunDir(run_dir)
     if nmap is None and run.neurons_path.is_file():
         nmap = NeuronMap.load(run.neurons_path)
-    manifest = run.read_manifest() if run.manifest_path.exists() else {}
-    ident = manifest.get("identify") if isinstance(manifest.get("identify"), dict) else {}
+    ident = run.stage_result("identify") if run.manifest_path.exists() else {}
     run_method, params, found_lam = None, {}, None
     if nmap is not None and nmap.meta.get("method") in METHODS:
         run_method = nmap.meta["method"]
         params = dict(nmap.meta.get("params") or {})
         found_lam = nmap.meta.get("lambda")
     elif ident:
-        run_method = ident.get("method") or (ident.get("inputs") or {}).get("method")
+        run_method = ident.get("method")
         params = dict(ident.get("params") or {})
-        if not params and isinstance(ident.get("inputs"), dict):
-            params = {k: v for k, v in ident["inputs"].items() if k in ("top_rate", "bar", "lam")}
         found_lam = ident.get("lambda")
     use = method or run_method or "entropy-lambda"
     if use not in METHODS:
@@ -960,7 +957,7 @@ def _write_parquet(path: Path, df: Any) -> Path:
 def run_stability(run_dir: str | Path, *, resamples: int = 200, method: str | None = None, lam: str | float = "run",
                   seed: int = 0, core: float = 0.9, progress: bool = True) -> StabilityResult:
     """`langneurons stability RUN_DIR`: bootstrap stability, written to stability.parquet,
-    stability_languages.parquet, manifest["confidence"]["stability"] and, when the run's neuron
+    stability_languages.parquet, the manifest's ``stability`` stage record and, when the run's neuron
     map is the selection analysed (same method, parameters and stats), its extras
     ``selection_freq`` (float32 [L, N]) and ``stable_core`` (bool [L, N])."""
     run, stats, spec, nmap = _run_context(run_dir, method, lam)
@@ -976,35 +973,41 @@ def run_stability(run_dir: str | Path, *, resamples: int = 200, method: str | No
             nmap.meta["stability"] = {"resamples": res.resamples, "valid": res.valid, "seed": seed, "core": core,
                                       "stable_core": int(res.stable_core.sum())}
             nmap.save(run.neurons_path)
-            run.record_checksum(run.neurons_path)
+            # The selection is unchanged (only extras were added): the identify stage stays current.
+            run.refresh_outputs("identify", [run.neurons_path])
             summary["neuron_map_updated"] = True
         else:
             warnings.warn(f"the neuron map in {run.neurons_path} is not the selection analysed here (other method, "
                           "parameters or stats); its extras were left unchanged, see stability.parquet", stacklevel=2)
-    for name in (STABILITY_FILE, STABILITY_LANG_FILE):
-        run.record_checksum(run.path / name)
-    run.update_manifest({"confidence": {"stability": summary}})
+    _commit(run, "stability", spec, stats, [run.path / STABILITY_FILE, run.path / STABILITY_LANG_FILE], summary,
+            resamples=resamples, seed=seed, core=core)
     return res
 
 
 def run_split_half(run_dir: str | Path, *, method: str | None = None, lam: str | float = "run",
                    seed: int = 0) -> SplitHalfResult:
     """`langneurons stability RUN_DIR --quick`: split-half agreement, written to
-    stability_split_half.parquet and manifest["confidence"]["split_half"]."""
+    stability_split_half.parquet and the ``split_half`` stage record."""
     run, stats, spec, _ = _run_context(run_dir, method, lam)
     res = split_half(stats, spec, seed=seed)
     _write_parquet(run.path / SPLIT_HALF_FILE, res.table())
-    run.record_checksum(run.path / SPLIT_HALF_FILE)
-    run.update_manifest({"confidence": {"split_half": res.summary()}})
+    _commit(run, "split_half", spec, stats, [run.path / SPLIT_HALF_FILE], res.summary(), seed=seed)
     return res
 
 
 def run_null(run_dir: str | Path, *, permutations: int = 100, method: str | None = None, lam: str | float = "run",
              seed: int = 0, progress: bool = True) -> NullResult:
-    """The permutation null of a run: null.parquet and manifest["confidence"]["null"]."""
+    """The permutation null of a run: null.parquet and the ``null`` stage record."""
     run, stats, spec, _ = _run_context(run_dir, method, lam)
     res = null_distribution(stats, spec, permutations=permutations, seed=seed, progress=progress)
     _write_parquet(run.path / NULL_FILE, res.table())
-    run.record_checksum(run.path / NULL_FILE)
-    run.update_manifest({"confidence": {"null": res.summary()}})
+    _commit(run, "null", spec, stats, [run.path / NULL_FILE], res.summary(), permutations=permutations, seed=seed)
     return res
+
+
+def _commit(run: RunDir, name: str, spec: IdentifySpec, stats: ActivationStats, outputs: list[Path],
+            summary: dict[str, Any], **settings: Any) -> None:
+    from .stage import commit_stage
+
+    inputs = {"identify": spec.describe(), "stats_fingerprint": stats.fingerprint(), **settings}
+    commit_stage(run, name, inputs, outputs, summary, 0.0, by="stability")

@@ -274,6 +274,10 @@ def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     return unique
 
 
+#: the stage layer's control names -> this module's (the layer-count control is "random" here)
+CONTROL_NAMES = {"layer": "random"}
+
+
 def _check_control(control: str | None) -> str | None:
     if control in (None, "none", ""):
         return None

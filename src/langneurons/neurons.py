@@ -111,6 +111,18 @@ class NeuronMap:
             raise NeuronMapError(f"the neuron map is {self.num_layers} layers x {self.num_neurons} neurons but "
                                  f"{what} has {num_layers} x {num_neurons}; it was made for another model")
 
+    def fingerprint(self) -> str:
+        """sha256 of what an intervention uses (languages, classes, active, selected): the same
+        for a map saved again with other metadata or stability extras, so results computed
+        with it stay current."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.languages, ensure_ascii=False).encode("utf-8"))
+        for t in (self.classes.to(torch.int8), self.active.to(torch.bool), self.selected.to(torch.bool)):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         tensors = {"classes": self.classes.to(torch.int8).contiguous(),

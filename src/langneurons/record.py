@@ -85,6 +85,27 @@ class RecordConfig:
     shard: tuple[int, int] | None = None  # (i, n): count only examples with index % n == i
     buckets: int = 16  # per-bucket counts (document j -> bucket j mod buckets) for resampling; 0: none
 
+    def validate(self) -> "RecordConfig":
+        """One-line errors for bad values, the same from Python as from the command line."""
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise LangNeuronsError(message)
+
+        require(self.scope in ("all", "response"), f"--scope must be 'all' or 'response', got {self.scope!r}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.flush_every >= 0,
+                f"--flush-every must be >= 0 (0: flush only at the end of a language), got {self.flush_every}")
+        require(self.max_tokens_per_lang is None or self.max_tokens_per_lang >= 1,
+                f"--max-tokens-per-lang must be >= 1, got {self.max_tokens_per_lang}")
+        require(self.max_length is None or self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        require(self.buckets >= 0, f"--buckets must be >= 0 (0: none), got {self.buckets}")
+        require(self.act_path is None or "{i}" in self.act_path,
+                f"--mlp-act-path must contain {{i}} (the layer index), got {self.act_path!r}")
+        if self.shard is not None:
+            i, n = self.shard
+            require(0 <= i < n, f"--shard {i}/{n}: need 0 <= i < n")
+        return self
+
     def fingerprint_fields(self) -> dict[str, Any]:
         d = asdict(self)
         # batch_size, flush_every, keep_sums and buckets do not change the totals (buckets only
@@ -616,7 +637,7 @@ def partial_identity(model_fingerprint: str, dtype: str, hook_point: str) -> str
 
 def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, config: RecordConfig | None = None,
            *, model_id: str = "", model_fingerprint: str | None = None, force: bool = False,
-           progress: bool = True, redo_stale: bool = False) -> ActivationStats:
+           progress: bool = True, redo_stale: bool = False, by: str = "record") -> ActivationStats:
     """Record every language of ``corpus`` into the run directory ``out`` (resumable).
 
     A language already recorded with the same settings is skipped; one recorded with other
@@ -627,7 +648,8 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     this with the same arguments; rank 0 decides which languages are finished and is the
     only writer; every rank returns the same (all-reduced) stats.
     """
-    config = config or RecordConfig()
+    config = (config or RecordConfig()).validate()
+    t_start = time.perf_counter()
     recorder = Recorder(model, tokenizer, config)
     run = RunDir(out)
     rank, world = distributed.init_from_env(str(recorder.device))
@@ -668,7 +690,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 prev = LanguageStats.load(path, checksums.get(f"stats/{path.stem}.safetensors"))
             except StatsError as exc:
                 raise StatsError(f"{exc} (or pass --force to record everything again)") from None
-            if all(prev.meta.get(k) == meta.get(k) for k in _RESUME_KEYS):
+            if resume_key(prev.meta) == resume_key(meta):
                 return prev
             if redo_stale:
                 log.warning("%s: recorded with other settings; recording it again", path.stem)
@@ -711,12 +733,9 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 "languages": list(corpus.languages),
                 "model": {k: base_meta[k] for k in ("model", "model_fingerprint", "architecture", "family", "hook_point",
                                                     "num_layers", "num_neurons", "dtype", "revision")},
-                "record": {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
-                           "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
-                           "buckets": {p.lang: p.num_buckets for p in parts},
-                           "shard": base_meta["shard"], "processes": world},
                 "versions": base_meta["versions"],
             })
+            _commit_record_stage(run, parts, config, corpus, base_meta, world, by, time.perf_counter() - t_start)
     distributed.barrier()
     if rank == 0:  # every rank is done writing: clear what killed runs left behind
         _remove_leftovers(run.stats_dir)
@@ -759,3 +778,23 @@ def _remove_leftovers(stats_dir: Path) -> None:
 #: metadata that must match for a finished language to be re-used by a resumed run
 _RESUME_KEYS = ("model_fingerprint", "scope", "include_special", "record_config", "corpus_fingerprint", "dtype",
                 "shard")
+
+
+def resume_key(meta: dict[str, Any]) -> str:
+    """The stage key of one language's counts (the stage layer's one rule: equal inputs, equal key)."""
+    from .stage import input_key
+
+    return input_key({k: meta.get(k) for k in _RESUME_KEYS})
+
+
+def _commit_record_stage(run: RunDir, parts: Sequence[LanguageStats], config: RecordConfig, corpus: Corpus,
+                         base_meta: dict[str, Any], world: int, by: str, seconds: float) -> None:
+    """The ``record`` stage's manifest record: per-language keys, stats checksums, settings."""
+    from .stage import commit_stage
+
+    inputs = {"languages": {p.lang: resume_key(p.meta) for p in parts}}
+    section = {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
+               "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
+               "buckets": {p.lang: p.num_buckets for p in parts}, "shard": base_meta["shard"], "processes": world}
+    commit_stage(run, "record", inputs, [run.stats_path(p.lang) for p in parts], section, seconds, by=by,
+                 stage_versions=base_meta["versions"])

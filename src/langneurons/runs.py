@@ -3,7 +3,8 @@ compared and reported later.
 
 Layout::
 
-    RUN_DIR/manifest.json            languages, model, scope, versions, checksums, stage records
+    RUN_DIR/manifest.json            languages, model, versions, checksums, one record per stage
+                                     (manifest["stages"][name]: key, inputs, outputs, seconds ...)
     RUN_DIR/stats/<lang>.safetensors counts per language (stats.py)
     RUN_DIR/neurons.safetensors      NeuronMap (neurons.py)
     RUN_DIR/anatomy.json             layer anatomy and phases (anatomy.py)
@@ -18,15 +19,20 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .errors import StatsError
 from .io import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
+    from .stage import StageRecord
     from .stats import LanguageStats
+
+#: manifest keys whose values are maps that several writers add entries to (merged, not replaced)
+_MERGED_KEYS = ("checksums",)
 
 
 class RunDir:
@@ -58,6 +64,10 @@ class RunDir:
         return self.path / "ablation.parquet"
 
     @property
+    def eval_corpus_path(self) -> Path:
+        return self.path / "eval_corpus.jsonl"
+
+    @property
     def generations_path(self) -> Path:
         return self.path / "generations.jsonl"
 
@@ -81,23 +91,83 @@ class RunDir:
             raise StatsError(f"{self.manifest_path} is not a JSON object; restore or delete it")
         return manifest
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's manifest lock (two commands on one run never interleave a
+        read-modify-write of manifest.json)."""
+        from filelock import FileLock
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path / ".manifest.lock"), timeout=120):
+            yield
+
     def update_manifest(self, updates: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``updates`` into manifest.json (top-level keys; dicts are merged one level)."""
-        manifest = self.read_manifest()
-        for key, value in updates.items():
-            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-                manifest[key] = {**manifest[key], **value}
-            else:
-                manifest[key] = value
-        atomic_write_json(self.manifest_path, manifest)
+        """Write ``updates`` into manifest.json under the lock. A top-level key is replaced whole
+        (a writer owns its section; nothing of another writer's version of it survives), except
+        the file-checksum map, which every writer adds to."""
+        with self.locked():
+            manifest = self.read_manifest()
+            for key, value in updates.items():
+                if key in _MERGED_KEYS and isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                    manifest[key] = {**manifest[key], **value}
+                else:
+                    manifest[key] = value
+            atomic_write_json(self.manifest_path, manifest)
         return manifest
 
+    # stage records -------------------------------------------------------------------------
+    def stage_record(self, name: str) -> "StageRecord | None":
+        from .stage import StageRecord
+
+        stages = self.read_manifest().get("stages")
+        return StageRecord.from_json(stages.get(name)) if isinstance(stages, dict) else None
+
+    def stage_result(self, name: str) -> dict[str, Any]:
+        """The typed section of a stage as JSON ({} when the stage never ran)."""
+        rec = self.stage_record(name)
+        return rec.result if rec is not None else {}
+
+    def write_stage_record(self, name: str, rec: "StageRecord") -> None:
+        """Replace the stage's record (and add its outputs' checksums) in one locked write."""
+        with self.locked():
+            manifest = self.read_manifest()
+            stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+            manifest["stages"] = {**stages, name: rec.to_json()}
+            manifest["checksums"] = {**(manifest.get("checksums") or {}), **rec.outputs}
+            atomic_write_json(self.manifest_path, manifest)
+
+    def refresh_outputs(self, name: str, paths: Sequence[Path]) -> None:
+        """A later stage annotated an output of stage ``name`` without changing what that stage
+        decided (e.g. stability extras in the neuron map): record the new checksums, so the
+        stage stays current and no one takes the annotated file for a corrupted one."""
+        with self.locked():
+            manifest = self.read_manifest()
+            rec = (manifest.get("stages") or {}).get(name)
+            sums = self.checksums_of(paths)
+            if isinstance(rec, dict):
+                rec["outputs"] = {**(rec.get("outputs") or {}), **sums}
+            manifest["checksums"] = {**(manifest.get("checksums") or {}), **sums}
+            atomic_write_json(self.manifest_path, manifest)
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.path.resolve()))
+
+    def checksums_of(self, paths: Sequence[Path]) -> dict[str, str]:
+        return {self.relative(p): sha256_file(p) for p in paths}
+
+    def outputs_intact(self, rec: "StageRecord") -> bool:
+        """Every output of the record exists with its recorded checksum."""
+        for rel, want in rec.outputs.items():
+            path = self.path / rel
+            if not path.is_file() or sha256_file(path) != want:
+                return False
+        return True
+
     def record_checksum(self, path: Path) -> None:
-        rel = str(Path(path).resolve().relative_to(self.path.resolve()))
-        self.update_manifest({"checksums": {rel: sha256_file(path)}})
+        self.update_manifest({"checksums": {self.relative(path): sha256_file(path)}})
 
     def verify_checksum(self, path: Path) -> None:
-        rel = str(Path(path).resolve().relative_to(self.path.resolve()))
+        rel = self.relative(path)
         expected = self.read_manifest().get("checksums", {}).get(rel)
         if expected is not None and sha256_file(path) != expected:
             raise StatsError(f"{path} is corrupt (its checksum differs from manifest.json); delete it and redo that stage")

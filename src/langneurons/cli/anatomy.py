@@ -54,13 +54,12 @@ def format_anatomy(an) -> str:  # noqa: ANN001 - Anatomy, imported lazily
 def anatomy(run_dir: Path = typer.Argument(..., help="Run directory with neurons.safetensors."),
             pivot: str = typer.Option("en", help="Pivot language compared with the others.")) -> None:
     """Per-layer neuron classes and the four phases; writes RUN_DIR/anatomy.json."""
-    from ..anatomy import analyze_run
+    from ..stages import AnatomyStage
 
     _need_neurons(run_dir)
-    an = analyze_run(run_dir, pivot)
-    path = an.save(run_dir)
+    an = AnatomyStage(run_dir, pivot, by="anatomy").run_stage(force=True)
     typer.echo(format_anatomy(an))
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {run_dir / 'anatomy.json'}")
 
 
 @app.command()

@@ -13,9 +13,4 @@ app = typer.Typer(
 )
 
 
-def split_list(value: str | None) -> list[str] | None:
-    """'en,zh, de' -> ['en', 'zh', 'de']; None/'' -> None."""
-    if value is None:
-        return None
-    items = [x.strip() for x in value.split(",") if x.strip()]
-    return items or None
+from ..config import split_list  # noqa: E402,F401 - the CLI modules' list parser lives with the configs

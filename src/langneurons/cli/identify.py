@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import LangNeuronsError
-from .app import app, split_list
-
-
-def parse_lambda(value: str) -> float | str:
-    """'auto' or a finite float."""
-    text = value.strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        lam = float(text)
-    except ValueError:
-        raise LangNeuronsError(f"--lambda must be 'auto' or a number, got {value!r}") from None
-    if not math.isfinite(lam):
-        raise LangNeuronsError(f"--lambda must be finite, got {value!r}")
-    return lam
-
-
-def parse_range(value: str) -> tuple[float, float]:
-    """'0,0.2' -> (0.0, 0.2)."""
-    parts = [x.strip() for x in value.split(",")]
-    try:
-        lo, hi = (float(x) for x in parts)
-    except ValueError:
-        raise LangNeuronsError(f"--lambda-range must look like LO,HI (e.g. 0,0.2), got {value!r}") from None
-    if not lo < hi:
-        raise LangNeuronsError(f"--lambda-range needs LO < HI, got {value!r}")
-    return lo, hi
+from ..config import split_list
+from .app import app
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -65,52 +39,22 @@ def identify(
     out: Optional[Path] = typer.Option(None, help="Neuron map to write (default RUN_DIR/neurons.safetensors)."),
 ) -> None:
     """Select language neurons (LAPE or entropy-λ) and classify them."""
-    from ..identify import METHODS, format_summary
-    from ..identify import identify as run_identify
-    from ..runs import RunDir
-    from ..stats import ActivationStats
+    from ..config import IdentifyConfig
+    from ..identify import format_summary
+    from ..stages import IdentifyStage
 
-    if method not in METHODS:
-        raise LangNeuronsError(f"unknown --method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    lam_value = parse_lambda(lam)
-    lam_range = parse_range(lambda_range)
-    stats = ActivationStats.load(stats_path)
-    subset = split_list(langs)
-    if subset:
-        stats = stats.subset(subset)
-    run = RunDir(_run_dir_of(stats_path))
-    manifest = run.read_manifest()
-    model_info = manifest.get("model") or {}
-    for key in ("model", "model_fingerprint"):
-        if stats.meta.get(key) is None and model_info.get(key) is not None:
-            stats.meta[key] = model_info[key]
-    if stats.meta.get("scope") is None and (manifest.get("record") or {}).get("scope") is not None:
-        stats.meta["scope"] = manifest["record"]["scope"]
-
-    params: dict = {"top_rate": top_rate, "bar": bar}
-    if method == "entropy-lambda":
-        params.update(lam=lam_value, lam_range=lam_range, eps=eps, widen=widen)
-    elif lam_value != "auto":
-        raise LangNeuronsError(f"--lambda applies to entropy-lambda only, not to --method {method}")
-    nmap = run_identify(stats, method=method, **params)
-
-    target = _neurons_file(out) if out is not None else run.neurons_path
-    nmap.save(target)
-    try:
-        rel = str(target.resolve().relative_to(run.path.resolve()))
-        inside = True
-    except ValueError:
-        rel, inside = str(target.resolve()), False
-    meta = nmap.meta
-    run.update_manifest({"identify": {
-        "inputs": None,  # made by hand, not by `langneurons run`
-        "method": meta["method"], "params": meta["params"], "tau": meta["tau"], "lambda": meta["lambda"],
-        "lambda_saturated": meta["lambda_saturated"], "languages": nmap.languages,
-        "num_selected": meta["num_selected"], "num_unassigned": meta["num_unassigned"],
-        "appear": meta["appear"], "stats_fingerprint": meta["stats_fingerprint"], "path": rel,
-    }})
-    if inside:
-        run.record_checksum(target)
+    cfg = IdentifyConfig(method=method, top_rate=top_rate, bar=bar, lam=lam, lam_range=lambda_range, eps=eps,
+                         widen=widen, langs=split_list(langs, what="--langs")).validate()
+    run_dir = _run_dir_of(stats_path)
+    if out is not None and _neurons_file(out).resolve() != (run_dir / "neurons.safetensors").resolve():
+        # A map written elsewhere is not the run's identify stage: compute and save it only.
+        stage = IdentifyStage(run_dir, cfg, by="identify")
+        nmap = stage.compute()
+        nmap.save(_neurons_file(out))
+        target = _neurons_file(out)
+    else:
+        nmap = IdentifyStage(run_dir, cfg, by="identify").run_stage(force=True)
+        target = run_dir / "neurons.safetensors"
     typer.echo(format_summary(nmap))
     typer.echo(f"wrote {target}")
 

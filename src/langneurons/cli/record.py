@@ -10,36 +10,8 @@ from typing import Optional
 import typer
 
 from ..errors import LangNeuronsError
-from .app import app, split_list
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise LangNeuronsError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from None
-    if not 0 <= i < n:
-        raise LangNeuronsError(f"--shard {value}: need 0 <= i < n")
-    return i, n
-
-
-_MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
-
-
-def parse_max_memory(value: str | None) -> dict | None:
-    """'0=20GiB,1=20GiB,cpu=64GiB' -> accelerate's max_memory dict ({0: '20GiB', ...})."""
-    if not value:
-        return None
-    out: dict = {}
-    for item in value.split(","):
-        key, _, mem = (x.strip() for x in item.partition("="))
-        if not key or not mem or not _MEMORY.fullmatch(mem) or not (key.isdigit() or key in ("cpu", "disk", "mps")):
-            raise LangNeuronsError(f"--max-memory items look like 0=20GiB (GPU 0), cpu=64GiB or disk=200GB, "
-                                   f"got {item.strip()!r}")
-        out[int(key) if key.isdigit() else key] = mem
-    return out
+from ..config import parse_max_memory, parse_shard, split_list
+from .app import app
 
 
 @app.command()
@@ -80,24 +52,17 @@ def record(
     from ..record import RecordConfig
     from ..record import record as do_record
 
-    if scope not in ("all", "response"):
-        raise LangNeuronsError(f"--scope must be 'all' or 'response', got {scope!r}")
     if doc_sep not in ("line", "blank"):
         raise LangNeuronsError(f"--doc-sep must be 'line' or 'blank', got {doc_sep!r}")
-    if batch_size < 1:
-        raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
-    if flush_every < 0:
-        raise LangNeuronsError(f"--flush-every must be >= 0 (0: flush only at the end of a language), got {flush_every}")
-    if max_tokens_per_lang is not None and max_tokens_per_lang < 1:
-        raise LangNeuronsError(f"--max-tokens-per-lang must be >= 1, got {max_tokens_per_lang}")
     cfg = RecordConfig(scope=scope, batch_size=batch_size, max_length=max_length,  # type: ignore[arg-type]
                        max_tokens_per_lang=max_tokens_per_lang, include_special=include_special, seed=seed,
-                       act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard), buckets=buckets)
+                       act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard),
+                       buckets=buckets).validate()
     memory = parse_max_memory(max_memory)
     if out.exists() and not out.is_dir():
         raise LangNeuronsError(f"--out {out} is a file, not a run directory; give a directory")
     cols = ColumnMap(lang=lang_column, text=text_column, prompt=prompt_column, response=response_column)
-    corp = load_corpus(corpus, split_list(langs), kind="qa" if scope == "response" else "text",
+    corp = load_corpus(corpus, split_list(langs, what="--langs"), kind="qa" if scope == "response" else "text",
                        doc_sep=doc_sep, columns=cols)  # type: ignore[arg-type]
     # Resuming and skipping languages are worth a line each (INFO is otherwise hidden).
     logging.getLogger("langneurons.record").setLevel(logging.INFO)
@@ -151,7 +116,11 @@ def import_(paths: list[Path] = typer.Argument(..., help="Files or directories o
         p.meta["model_fingerprint"] = f"imported:{model}" if model else "imported"
         p.validate(p.lang)
     stats = ActivationStats.stack(parts)
-    stats.save(out, extra_manifest={"model": {"model": model, "imported_from": format},
-                                    "record": {"scope": stats.meta.get("scope"),
-                                               "tokens": dict(zip(stats.languages, stats.tokens.tolist()))}})
+    run = stats.save(out, extra_manifest={"model": {"model": model, "imported_from": format}})
+    from ..stage import commit_stage
+
+    commit_stage(run, "record", {"imported": format, "stats_fingerprint": stats.fingerprint()},
+                 [run.stats_path(lang) for lang in stats.languages],
+                 {"scope": stats.meta.get("scope"), "tokens": dict(zip(stats.languages, stats.tokens.tolist()))},
+                 0.0, by="import")
     typer.echo(f"imported {len(parts)} languages ({stats.num_layers} x {stats.num_neurons}) -> {out}")

@@ -249,7 +249,7 @@ def render_section(run_dir: str | Path, *, standalone: bool = False) -> str:
     pngs = _current_pngs(df, run)
     if pngs is None:  # missing or older than ablation.parquet: draw them again
         pngs = {p.stem: p for p in heatmaps(df, run.figures_dir) if p.suffix == ".png"}
-    manifest = run.read_manifest().get("ablation", {})
+    manifest = run.stage_result("ablation")
     parts = ["<p>Rows: the language whose neurons are set to zero; columns: the language evaluated. Cells show "
              "the change of the mean negative log-likelihood per token (nats, = Δ log perplexity) against the "
              "unablated model; a random set of neurons with the same number per layer is the chance baseline "

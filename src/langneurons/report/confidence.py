@@ -335,8 +335,7 @@ def render_section(run_dir: str | Path) -> str | None:
     if not has_results(run_dir):
         return None
     run = RunDir(run_dir)
-    manifest = run.read_manifest()
-    conf = manifest.get("confidence") if isinstance(manifest.get("confidence"), dict) else {}
+    conf = {name: run.stage_result(name) for name in ("stability", "split_half", "null")}
     parts: list[str] = []
     _stability_part(run, conf, parts)
     _split_half_part(run, conf, parts)

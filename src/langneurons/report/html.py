@@ -349,7 +349,14 @@ def build_report(run_dir: str | Path, pivot: str | None = None) -> Path:
         f"<nav>{''.join(nav)}</nav></header>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n"
     )
     path = atomic_write_text(run.report_path, page)
-    run.update_manifest({"report": {"file": run.report_path.name,
-                                    "sections": [s.split('"')[1] for s in body],
-                                    "figures": sorted(n for n, f in ctx.figures.items() if f.ok)}})
+    from ..stage import commit_stage
+
+    # The report reads every stage's artifact; its key is their checksums (audit, not freshness:
+    # `report` always renders again, it takes seconds).
+    inputs = {name: rec.get("outputs") for name, rec in (manifest.get("stages") or {}).items()
+              if isinstance(rec, dict) and name != "report"}
+    commit_stage(run, "report", inputs, [path], {"file": run.report_path.name,
+                                                 "sections": [s.split('"')[1] for s in body],
+                                                 "figures": sorted(n for n, f in ctx.figures.items() if f.ok)},
+                 0.0, by="report")
     return path

@@ -1,0 +1,417 @@
+"""The stages of an analysis, each on the one stage layer (`stage.Stage`).
+
+`langneurons run`, every stage command and Python callers all go through these classes, so a
+stage is current by the same rule whoever ran it, and its manifest section has one shape.
+
+* `SplitStage` -- the held-out documents (eval_corpus.jsonl); the rest is recorded.
+* (record) -- `record.record` resumes per language and commits the ``record`` stage itself.
+* `IdentifyStage` -- neurons.safetensors from the stats.
+* `AnatomyStage` -- anatomy.json from the neuron map.
+* `AblationStage` -- ablation.parquet; rows are merged by their key columns, so rows written by
+  another command (accuracy by ``ablate``, perplexity by ``run``) survive, and only rows whose
+  provenance no longer matches (another neuron map, model, evaluation text or setting) are
+  recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import AblationConfig, IdentifyConfig, PPL_METRICS
+from .corpus import Corpus, Example
+from .errors import LangNeuronsError, NeuronMapError
+from .io import atomic_write, atomic_write_text
+from .runs import RunDir
+from .stage import Stage, commit_stage, input_key
+
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- held-out split ------------------------------------------------------------------------------
+def example_record(e: Example) -> dict[str, Any]:
+    if e.is_pair:
+        return {"lang": e.lang, "id": e.id, "prompt": e.prompt, "response": e.response}
+    return {"lang": e.lang, "id": e.id, "text": e.text}
+
+
+class SplitStage(Stage[tuple[Corpus, Corpus]]):
+    """Split a corpus into the part that is recorded and the held-out part that the ablation is
+    evaluated on (written to eval_corpus.jsonl), so neurons are never evaluated on the text they
+    were found on."""
+
+    name = "split"
+
+    def __init__(self, run: RunDir | str | Path, corpus: Corpus, holdout: float, *, kind: str = "text",
+                 max_eval_docs: int | None = None, by: str = ""):
+        super().__init__(run, by=by)
+        self.corpus, self.holdout, self.kind, self.max_eval_docs = corpus, holdout, kind, max_eval_docs
+
+    def inputs(self) -> dict[str, Any]:
+        return {"source": self.corpus.source, "kind": self.kind, "holdout": self.holdout,
+                "max_eval_docs": self.max_eval_docs,
+                "corpus": {lang: self.corpus.fingerprint(lang) for lang in self.corpus.languages}}
+
+    def compute(self) -> tuple[Corpus, Corpus]:
+        id_corpus, eval_corpus = self.corpus.split(self.holdout)
+        if self.max_eval_docs:
+            eval_corpus = Corpus({k: v[: self.max_eval_docs] for k, v in eval_corpus.by_lang.items()},
+                                 eval_corpus.source)
+        return id_corpus, eval_corpus
+
+    def load(self) -> tuple[Corpus, Corpus]:
+        return self.compute()  # cheap and deterministic; only the file write is skipped
+
+    def write(self, result: tuple[Corpus, Corpus]) -> tuple[list[Path], dict[str, Any]]:
+        id_corpus, eval_corpus = result
+        path = self.run.eval_corpus_path
+        atomic_write_text(path, "".join(json.dumps(example_record(e), ensure_ascii=False) + "\n"
+                                        for exs in eval_corpus.by_lang.values() for e in exs))
+        section = {"holdout": self.holdout, "eval_corpus": path.name, "source": self.corpus.source, "kind": self.kind,
+                   "rule": f"every {max(int(round(1 / self.holdout)), 2)}th document",
+                   "documents": {k: len(v) for k, v in eval_corpus.by_lang.items()},
+                   "identification_documents": {k: len(v) for k, v in id_corpus.by_lang.items()},
+                   "identification_corpus": {k: id_corpus.fingerprint(k) for k in id_corpus.languages}}
+        return [path], section
+
+
+# -- identification ----------------------------------------------------------------------------
+class IdentifyStage(Stage[Any]):
+    """neurons.safetensors from the run's stats (or stats given in memory)."""
+
+    name = "identify"
+
+    def __init__(self, run: RunDir | str | Path, config: IdentifyConfig, stats: Any = None, *, by: str = ""):
+        super().__init__(run, by=by)
+        self.config = config.validate()
+        self._stats = stats
+
+    @property
+    def stats(self) -> Any:
+        if self._stats is None:
+            from .stats import ActivationStats
+
+            stats = ActivationStats.load(self.run.path)
+            self._stats = stats.subset(self.config.langs) if self.config.langs else stats
+            info = self.run.read_manifest().get("model") or {}
+            for key in ("model", "model_fingerprint"):
+                if self._stats.meta.get(key) is None and info.get(key) is not None:
+                    self._stats.meta[key] = info[key]
+        return self._stats
+
+    def inputs(self) -> dict[str, Any]:
+        return {"method": self.config.method, "params": self.config.params(),
+                "stats_fingerprint": self.stats.fingerprint(), "languages": list(self.stats.languages)}
+
+    def compute(self) -> Any:
+        from .identify import identify
+
+        return identify(self.stats, method=self.config.method, **self.config.params())
+
+    def load(self) -> Any:
+        from .neurons import NeuronMap
+
+        return NeuronMap.load(self.run.neurons_path)
+
+    def write(self, nmap: Any) -> tuple[list[Path], dict[str, Any]]:
+        nmap.save(self.run.neurons_path)
+        meta = nmap.meta
+        section = {k: meta.get(k) for k in ("method", "params", "tau", "lambda", "lambda_saturated", "num_selected",
+                                            "num_unassigned", "appear", "stats_fingerprint")}
+        section.update(languages=list(nmap.languages), path=self.run.neurons_path.name)
+        return [self.run.neurons_path], section
+
+
+# -- anatomy -----------------------------------------------------------------------------------
+class AnatomyStage(Stage[Any]):
+    """anatomy.json from the neuron map (and the phase settings)."""
+
+    name = "anatomy"
+
+    def __init__(self, run: RunDir | str | Path, pivot: str = "en", config: Any = None, *, by: str = ""):
+        super().__init__(run, by=by)
+        self.pivot, self.config = pivot, config
+
+    def inputs(self) -> dict[str, Any]:
+        from .anatomy import SCHEMA_VERSION, PhaseConfig
+
+        if not self.run.neurons_path.is_file():
+            raise NeuronMapError(f"{self.run.neurons_path} does not exist; run `langneurons identify "
+                                 f"{self.run.path}` first")
+        from .neurons import NeuronMap
+
+        return {"neurons": NeuronMap.load(self.run.neurons_path).fingerprint(), "pivot": self.pivot,
+                "phases": asdict(self.config or PhaseConfig()), "schema": SCHEMA_VERSION}
+
+    def compute(self) -> Any:
+        from .anatomy import analyze_run
+
+        return analyze_run(self.run.path, self.pivot, self.config)
+
+    def load(self) -> Any:
+        from .anatomy import Anatomy
+
+        return Anatomy.load(self.run.path)
+
+    def write(self, an: Any) -> tuple[list[Path], dict[str, Any]]:
+        path = an.save(self.run.path)
+        return [path], {"file": path.name, "pivot": self.pivot, "phases_reliable": an.phases_reliable,
+                        "phases": [[p.name, p.start, p.end] for p in an.phases]}
+
+
+# -- ablation ----------------------------------------------------------------------------------
+#: columns that identify an ablation row: a newer row with the same key replaces an older one
+ROW_KEY = ("metric", "neuron_set", "deactivated_lang", "eval_lang", "seed")
+#: columns that say what a row was computed from: a row is current only if they match the plan
+PROVENANCE = ("neurons_sha256",  # NeuronMap.fingerprint() of the map the rows were computed with
+ "model_fingerprint", "eval_sha256", "scope", "control", "bootstrap", "mode",
+              "positions", "max_length")
+
+
+def texts_fingerprint(by_lang: Mapping[str, Sequence[Example]]) -> str:
+    """Content fingerprint of evaluation examples (whatever file or directory they came from)."""
+    return input_key({lang: [[e.text, e.prompt, e.response, getattr(e, "answer", None)] for e in exs]
+                      for lang, exs in by_lang.items()})[:16]
+
+
+def _limit(by_lang: dict[str, list[Any]], n: int | None) -> dict[str, list[Any]]:
+    return {k: v[:n] for k, v in by_lang.items()} if n else by_lang
+
+
+def _select(by_lang: dict[str, list[Any]], langs: Sequence[str] | None, map_langs: Sequence[str], where: str
+            ) -> dict[str, list[Any]]:
+    if langs:
+        missing = [x for x in langs if x not in by_lang]
+        if missing:
+            raise LangNeuronsError(f"{where} has no examples for {','.join(missing)} (it has {','.join(by_lang)})")
+        return {x: by_lang[x] for x in langs}
+    chosen = {x: by_lang[x] for x in map_langs if x in by_lang}
+    if not chosen:
+        raise LangNeuronsError(f"{where} has none of the neuron map's languages ({','.join(map_langs)}); "
+                               f"it has {','.join(by_lang) or 'nothing'}")
+    return chosen
+
+
+class AblationStage:
+    """The K x K intervention matrix of a run, merged row by row into ablation.parquet.
+
+    Not a plain `Stage`: its output is a table that several commands add to. Freshness is decided
+    per neuron set and metric family from the rows themselves (their `PROVENANCE` columns), so
+    ``ablate --metric accuracy`` then ``run`` keeps the accuracy rows, and ``run`` then ``ablate``
+    with the same settings recomputes nothing. The manifest's ``ablation`` record is rewritten
+    after every merge and holds the table's checksum."""
+
+    name = "ablation"
+
+    def __init__(self, run: RunDir | str | Path, config: AblationConfig, *, nmap: Any = None,
+                 eval_corpus: Mapping[str, Sequence[Example]] | None = None, by: str = "ablate"):
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.config = config.validate()
+        self.by = by
+        from .neurons import NeuronMap
+
+        self.nmap = nmap if nmap is not None else NeuronMap.load(self.run.neurons_path)
+        self.neurons_sha256 = self.nmap.fingerprint()
+        unknown = [x for x in (config.langs or []) if x not in self.nmap.languages]
+        if unknown:
+            raise LangNeuronsError(f"--langs {','.join(unknown)} not in the neuron map ({','.join(self.nmap.languages)})")
+        self.langs = list(config.langs or self.nmap.languages)
+        self.texts, self.problems = self._read_corpora(eval_corpus)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _read_corpora(self, given: Mapping[str, Sequence[Example]] | None
+                      ) -> tuple[dict[str, list[Any]] | None, dict[str, list[Any]] | None]:
+        cfg, texts, problems = self.config, None, None
+        if "accuracy" in cfg.metrics:
+            from .evaluate import group_by_lang, read_mgsm
+
+            path = cfg.math_corpus or cfg.eval_corpus
+            problems = _limit(_select(group_by_lang(read_mgsm(path)), cfg.langs, self.nmap.languages, str(path)),
+                              cfg.max_examples)
+        if cfg.ppl_metrics:
+            if given is not None:
+                texts = _limit({k: list(v) for k, v in given.items()}, cfg.max_examples)
+            else:
+                path = cfg.eval_corpus
+                if path is None:
+                    split = self.run.stage_result("split")
+                    if split.get("eval_corpus") and (self.run.path / split["eval_corpus"]).is_file():
+                        path = self.run.path / split["eval_corpus"]
+                if path is None:
+                    raise LangNeuronsError("give --eval-corpus PATH (held-out texts per language; the run has no "
+                                           "eval_corpus.jsonl)")
+                from .corpus import load_corpus
+
+                kind = {"all": "text", "response": "qa"}.get(cfg.scope, "auto")
+                corp = load_corpus(path, kind=kind)  # type: ignore[arg-type]
+                texts = _limit(_select(corp.by_lang, cfg.langs, self.nmap.languages, str(path)), cfg.max_examples)
+        return texts, problems
+
+    def provenance(self, family: str, model_fingerprint: str | None) -> dict[str, Any]:
+        cfg = self.config
+        ppl = family == "ppl"
+        corpus = self.texts if ppl else self.problems
+        scope = cfg.scope
+        if scope == "auto":  # what "auto" resolves to on these texts (evaluate._resolve_scope's rule)
+            examples = [e for v in (corpus or {}).values() for e in v]
+            scope = "response" if examples and all(getattr(e, "is_pair", False) for e in examples) else "all"
+        return {"neurons_sha256": self.neurons_sha256, "model_fingerprint": model_fingerprint or "",
+                "eval_sha256": texts_fingerprint(corpus or {}), "scope": scope if ppl else "generate",
+                "control": cfg.control, "bootstrap": cfg.bootstrap if ppl else 0, "mode": "zero",
+                "positions": "all" if ppl else cfg.positions,
+                "max_length": cfg.max_length or 0 if ppl else cfg.max_new_tokens}
+
+    def _metric_names(self, family: str) -> tuple[str, ...]:
+        return self.config.ppl_metrics if family == "ppl" else ("accuracy", "number_accuracy", "language_accuracy")
+
+    def stale_sets(self, old: Any, family: str, model_fingerprint: str | None) -> list[str]:
+        """The neuron sets of the plan whose rows are missing or were computed from other inputs."""
+        import pandas as pd
+
+        if old is None or not len(old):
+            return list(self.config.sets)
+        prov = self.provenance(family, model_fingerprint)
+        if any(c not in old.columns for c in PROVENANCE):
+            return list(self.config.sets)
+        ok = old
+        for col, want in prov.items():
+            ok = ok[ok[col].astype(str) == str(want)]
+        eval_langs = list((self.texts if family == "ppl" else self.problems) or {})
+        stale = []
+        for nset in self.config.sets:
+            need = {(m, nset, d, e, None) for m in self._metric_names(family) for d in self.langs for e in eval_langs}
+            if self.config.control != "none":
+                need |= {(m, f"random:{nset}", d, e, s) for m in self._metric_names(family) for d in self.langs
+                         for e in eval_langs for s in self.config.control_seeds}
+            have = {(r.metric, r.neuron_set, r.deactivated_lang, r.eval_lang, None if pd.isna(r.seed) else int(r.seed))
+                    for r in ok.itertuples()}
+            if not need <= have:
+                stale.append(nset)
+        return stale
+
+    def _read_old(self) -> Any:
+        import pandas as pd
+
+        if not self.run.ablation_path.exists():
+            return None
+        try:
+            return pd.read_parquet(self.run.ablation_path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise LangNeuronsError(f"{self.run.ablation_path} cannot be read ({type(exc).__name__}); delete it to "
+                                   "recompute the matrix") from None
+
+    # -- run -------------------------------------------------------------------------------------
+    def run_stage(self, loaded: Any = None, *, echo: Echo = _quiet, estimate: Callable[..., str] | None = None) -> Any:
+        """Compute the stale parts (loading the model only if something is stale), merge, write."""
+        import pandas as pd
+
+        old = None if self.config.force else self._read_old()
+        want_fp = (self.run.read_manifest().get("model") or {}).get("model_fingerprint")
+        if loaded is None and self.config.model.model:  # another model: its fingerprint decides freshness
+            loaded = self.config.model.load(self.run.read_manifest())
+        fp = getattr(loaded, "fingerprint", None) or want_fp
+        families = [f for f, todo in (("ppl", self.texts), ("acc", self.problems)) if todo]
+        stale = {f: self.stale_sets(old, f, fp) for f in families}
+        if not any(stale.values()):
+            echo("[ablate] up to date, skipped")
+            return self._read_old()
+        if loaded is None:
+            loaded = self.config.model.load(self.run.read_manifest())
+            fp = getattr(loaded, "fingerprint", None) or want_fp
+        nfp = (self.nmap.meta.get("model_fingerprint"))
+        if nfp and fp and nfp != fp and not self.config.force:
+            raise NeuronMapError(f"the neuron map was made for another model (fingerprint {nfp}, this model {fp}); "
+                                 "give the run's model, or --force to use the map anyway")
+        echo("[ablate] ...")
+        t0 = time.perf_counter()
+        frames, info = [], {}
+        for family in families:
+            if not stale[family]:
+                continue
+            df, st = self._compute(loaded, family, stale[family], echo, estimate)
+            for col, value in self.provenance(family, fp).items():
+                df[col] = value
+            frames.append(df)
+            info[family] = {**st, "sets": stale[family]}
+        new = pd.concat(frames, ignore_index=True)
+        merged = merge_rows(old, new, self.neurons_sha256)
+        atomic_write(self.run.ablation_path, lambda p: merged.to_parquet(p, index=False))
+        from .report.ablation import heatmaps
+
+        figures = heatmaps(merged, self.run.figures_dir)
+        seconds = time.perf_counter() - t0
+        self._commit(merged, info, figures, seconds)
+        echo(f"[ablate] done in {seconds:.1f} s")
+        return merged
+
+    def _compute(self, loaded: Any, family: str, sets: list[str], echo: Echo,
+                 estimate: Callable[..., str] | None) -> tuple[Any, dict[str, Any]]:
+        from .evaluate import ablation_matrix, accuracy_matrix, write_generations
+
+        cfg, st = self.config, {}
+        common = dict(neuron_sets=sets, control=_evaluate_control(cfg.control), control_seeds=cfg.control_seeds,
+                      batch_size=cfg.batch_size, progress=cfg.progress, langs=self.langs, act_path=cfg.model.act_path,
+                      stats=st)
+        if family == "ppl":
+            df = ablation_matrix(loaded.model, loaded.tokenizer, self.nmap, self.texts, metrics=cfg.ppl_metrics,
+                                 scope=cfg.scope, max_length=cfg.max_length, bootstrap=cfg.bootstrap, **common)
+            return df, st
+        generations: list[dict] = []
+        df = accuracy_matrix(loaded.model, loaded.tokenizer, self.nmap, self.problems, max_new_tokens=cfg.max_new_tokens,
+                             generations=generations, chat=cfg.chat, positions=cfg.positions, **common)
+        write_generations(self.run.generations_path, generations)
+        return df, st
+
+    def _commit(self, df: Any, info: dict[str, Any], figures: list[Path], seconds: float) -> None:
+        cfg = self.config
+        parts = df[[c for c in ("metric", *PROVENANCE) if c in df.columns]].drop_duplicates()
+        section = {"rows": int(len(df)), "metrics": sorted(set(map(str, df["metric"]))),
+                   "neuron_sets": sorted(set(str(s) for s in df["neuron_set"] if not str(s).startswith("random:"))),
+                   "control": cfg.control, "control_seeds": list(cfg.control_seeds) if cfg.control != "none" else [],
+                   "languages": self.langs, "scope": cfg.scope, "batch_size": cfg.batch_size,
+                   "bootstrap": cfg.bootstrap, "mode": "zero",
+                   "eval_corpus": None if cfg.eval_corpus is None else str(cfg.eval_corpus),
+                   "math_corpus": None if cfg.math_corpus is None else str(cfg.math_corpus),
+                   "passes": sum(int(s.get("passes", s.get("generation_cells", 0))) for s in info.values()),
+                   "seconds": round(seconds, 3), "computed": info,
+                   "figures": [str(p.relative_to(self.run.path)) for p in figures]}
+        inputs = {"neurons_sha256": self.neurons_sha256,
+                  "parts": json.loads(parts.astype(str).to_json(orient="records"))}
+        commit_stage(self.run, self.name, inputs, [self.run.ablation_path], section, seconds, by=self.by)
+
+
+def _evaluate_control(control: str) -> str | None:
+    """The control name evaluate.py takes."""
+    from .evaluate import CONTROL_NAMES
+
+    if control == "none":
+        return None
+    return CONTROL_NAMES.get(control, control)
+
+
+def merge_rows(old: Any, new: Any, neurons_sha256: str) -> Any:
+    """``old`` rows that are still valid (made with this neuron map) and not replaced by a ``new``
+    row with the same `ROW_KEY`; a recomputed neuron set also replaces its old control rows of the
+    same metric (they were drawn against the old evaluation)."""
+    import pandas as pd
+
+    if old is None or not len(old):
+        return new.reset_index(drop=True)
+    keep = old
+    if "neurons_sha256" in keep.columns:
+        keep = keep[keep["neurons_sha256"].astype(str) == neurons_sha256]
+    else:  # rows of a version without provenance cannot be trusted to match this map
+        keep = keep.iloc[0:0]
+    base_sets = {str(x).removeprefix("random:") for x in new["neuron_set"]}
+    old_base = keep["neuron_set"].astype(str).str.removeprefix("random:")
+    keep = keep[~(keep["metric"].isin(set(new["metric"])) & old_base.isin(base_sets))]
+    if not len(keep):
+        return new.reset_index(drop=True)
+    return pd.concat([keep, new], ignore_index=True)

@@ -157,3 +157,22 @@ def test_run_lens_writes_parquet(tmp_path, tok):
     assert ((back["lang_mass"] >= 0) & (back["lang_mass"] <= 1 + 1e-6)).all()
     assert not back[["p_correct", "entropy", "top1"]].isna().any().any()
     assert all(math.isfinite(v) for v in back["entropy"])
+
+
+def test_report_section_shows_summary_and_phase_of_each_layer(tmp_path, tok):
+    import json
+
+    from langneurons.report.lens import render_section
+
+    assert render_section(tmp_path) is None  # no lens.parquet: no section
+    model = make_model("llama", layers=4, vocab_size=len(tok)).eval()
+    df = run_lens(tmp_path, model, tok, {k: SAMPLE_TEXTS[k] for k in ("en", "de")}, LensConfig(batch_size=4))
+    phases = [{"name": f"p{i}", "start": i, "end": i} for i in range(4)]
+    (tmp_path / "anatomy.json").write_text(json.dumps({"phases": phases, "phases_reliable": True}))
+    html = render_section(tmp_path)
+    s = lens_summary(df)["de"]
+    assert "Logit lens" in html or "logit lens" in html
+    assert (tmp_path / "figures" / "lens_de.png").is_file() and (tmp_path / "figures" / "lens_en.png").is_file()
+    top = s["correct_top1"]
+    assert (f"{top} (P{top + 1})" if top is not None else "—") in html
+    assert "P1 0–0, P2 1–1" in html

@@ -573,3 +573,12 @@ def test_evidence_lines_list_every_check():
     lines = evidence_lines(an)
     assert len(lines) == len(an.phase_evidence["checks"]) == 6
     assert all(line.startswith("ok") for line in lines) and any("low_middle" in line for line in lines)
+
+
+def test_map_marked_without_general_is_segmented_on_language_alone():
+    pl, planted = shape_7b(24, 0.0, 0)
+    nmap = planted_map(pl["specific"], pl["related"], [0] * 24, K=4, N=1200, seed=1)
+    nmap.meta["general_available"] = False
+    an = analyze(nmap)
+    assert an.phase_evidence["general_available"] is False
+    assert [p.start for p in an.phases] == planted and an.phases_reliable, an.phases_note

@@ -561,7 +561,9 @@ def analyze(nmap: NeuronMap, pivot: str = "en", config: PhaseConfig | None = Non
         per_language[lang] = {"specific": spec, "related": rel, "general": sum(per_lang["general"][i]),
                               "language": int(own[i])}
     totals = {c: sum(per_layer[c]) for c in CLASSES}
-    phases, reliable, note, evidence = find_phases(per_layer, nmap.num_neurons, config)
+    # a map imported without statistics cannot know which unselected neurons are general
+    general_available = nmap.meta.get("general_available", True) is not False
+    phases, reliable, note, evidence = find_phases(per_layer, nmap.num_neurons, config, general_available)
     return Anatomy(
         languages=list(nmap.languages), num_layers=nmap.num_layers, num_neurons=nmap.num_neurons,
         model=str(nmap.meta.get("model") or ""), method=nmap.meta.get("method"),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from langneurons.anatomy import (PHASE_NAMES, Anatomy, PhaseConfig, analyze, find_phases, permutation_p_value,
-                                 segment_curves)
+from langneurons.anatomy import (PHASE_NAMES, SHAPE_MODELS, Anatomy, PhaseConfig, analyze, evidence_lines,
+                                 find_phases, permutation_p_value, segment_curves, segment_shape)
 from langneurons.neurons import CLASS_CODE, GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
 from langneurons.runs import RunDir
 
@@ -139,6 +139,46 @@ def test_dp_equals_brute_force_on_random_curves(seed):
     assert segment_curves(x, n_seg, min_len) == seg
 
 
+def brute_force_shape(x: np.ndarray, models: tuple[str, ...], min_len: int) -> tuple[float, list[tuple[int, ...]]]:
+    """Min residual over every split, each segment fitted by np.polyfit (degree 0 or 1) per column."""
+    x = x.reshape(len(x), -1)
+    n = len(x)
+    results = []
+    for cuts in itertools.combinations(range(1, n), len(models) - 1):
+        edges = (0, *cuts, n)
+        if any(b - a < min_len for a, b in zip(edges, edges[1:])):
+            continue
+        sse = 0.0
+        for m, a, b in zip(models, edges, edges[1:]):
+            t = np.arange(a, b, dtype=float)
+            deg = 1 if (m == "linear" and b - a >= 2) else 0
+            for col in x[a:b].T:
+                fit = np.polyval(np.polyfit(t, col, deg), t)
+                sse += float(((col - fit) ** 2).sum())
+        results.append((sse, (0, *cuts)))
+    best = min(r[0] for r in results)
+    return best, [r[1] for r in results if r[0] <= best + 1e-8 * max(best, 1.0)]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_shape_dp_equals_brute_force(seed):
+    rng = np.random.default_rng(300 + seed)
+    n = int(rng.integers(6, 15))
+    d = int(rng.integers(1, 3))
+    min_len = int(rng.integers(1, 3))
+    models = SHAPE_MODELS if seed % 2 == 0 else tuple(rng.choice(["const", "linear"], size=int(rng.integers(2, 5))))
+    if len(models) * min_len > n:
+        min_len = 1
+    x = rng.normal(size=(n, d)) + np.linspace(0, rng.uniform(-3, 3), n)[:, None]
+    if seed % 3 == 0:
+        x = rng.integers(0, 3, size=(n, d)).astype(float)  # exact ties
+    seg = segment_shape(x, models, min_len)
+    best, argmins = brute_force_shape(x, models, min_len)
+    assert seg.cost == pytest.approx(best, rel=1e-8, abs=1e-8)
+    assert tuple(seg.starts) in argmins
+    assert segment_shape(x, models, min_len) == seg
+
+
 def test_segmentation_rejects_impossible_request():
     with pytest.raises(ValueError):
         segment_curves(np.zeros(5), 4, 2)
@@ -178,7 +218,8 @@ def test_find_phases_recovers_paper_like_profile():
     assert reliable, note
     assert note == ""
     assert ev["language_dip_in_phase_2"] is True
-    assert ev["r2"] == pytest.approx(ev["r2_by_segments"][-1]) and ev["r2"] > 0.9
+    # the shape model (phase 3 a line) fits at least as well as four levels
+    assert ev["r2"] >= ev["r2_by_segments"][-1] - 1e-12 and ev["r2"] > 0.9
     assert ev["p_value"] <= 0.05
     # evidence: mean shares equal a direct average of the planted counts over each phase
     for p in phases:
@@ -256,7 +297,7 @@ def test_noise_and_two_phase_curves_are_unreliable():
     step = {"specific": [40] * 16 + [5] * 16, "related": [0] * n, "general": [5] * 16 + [40] * 16,
             "unassigned": [0] * n}
     _, reliable, note, ev = find_phases(step, 100)
-    assert not reliable and "fewer than four" in note
+    assert not reliable and "no rise" in note and "rise" in ev["missing"]
     assert ev["r2_by_segments"][1] == pytest.approx(1.0)
 
 
@@ -417,3 +458,131 @@ def test_load_or_analyze_recomputes_when_the_map_changes(tmp_path):
     assert second.totals["specific"] == 40  # stale anatomy.json (other neurons checksum) recomputed
     assert second.pivot["lang"] == "l1"  # ... keeping the pivot chosen before
     assert json.loads(run.anatomy_path.read_text())["totals"]["specific"] == 40
+
+
+# -- the known failure: the 7B shape (issue 15) ----------------------------------------------------
+def shape_7b(n_layers: int, noise: float, seed: int, peak: float = 400.0) -> tuple[dict[str, list[int]], list[int]]:
+    """Per-layer counts shaped like the published 7B neuron set, scaled to ``n_layers``: language
+    neurons high (and easing) in the first ~5/32 layers, near zero up to ~18/32, rising linearly to
+    a peak at ~30/32, falling in the last layers; general neurons flat-ish with a spike ~10x their
+    level in the last layer. Returns (counts, planted phase starts)."""
+    rng = np.random.default_rng(seed)
+    b1 = max(2, round(5 / 32 * n_layers))
+    b2 = round(18 / 32 * n_layers)
+    b3 = min(n_layers - 2, round(30 / 32 * n_layers))
+    a = np.empty(n_layers)
+    a[:b1] = np.linspace(0.85, 0.6, b1) * peak
+    a[b1:b2] = 0.02 * peak
+    a[b2:b3] = np.linspace(0.08, 1.0, b3 - b2) * peak
+    a[b3:] = np.linspace(0.6, 0.3, n_layers - b3) * peak
+    g = 0.25 * peak * (1 + 0.1 * np.sin(np.arange(n_layers)))
+    g[-1] = 2.5 * peak
+    a = np.round(np.maximum(0, a + rng.normal(0, noise * peak, n_layers))).astype(int)
+    g = np.round(np.maximum(0, g + rng.normal(0, noise * peak, n_layers))).astype(int)
+    return ({"specific": (a // 2).tolist(), "related": (a - a // 2).tolist(), "general": g.tolist(),
+             "unassigned": [0] * n_layers}, [0, b1, b2, b3])
+
+
+CASES_7B = [(L, noise) for L in (18, 24, 28, 32, 40, 80) for noise in (0.0, 0.05)] + \
+           [(L, 0.1) for L in (18, 24, 28, 32)]
+
+
+@pytest.mark.parametrize("n_layers,noise", CASES_7B)
+def test_7b_shape_is_recovered_at_every_depth(n_layers, noise):
+    for seed in range(3):
+        pl, planted = shape_7b(n_layers, noise, seed)
+        phases, reliable, note, ev = find_phases(pl, 14336)
+        got = [p.start for p in phases]
+        assert max(abs(a - b) for a, b in zip(got, planted)) <= 2, (got, planted)
+        assert reliable, note
+        assert ev["missing"] == [] and ev["language_dip_in_phase_2"]
+        assert {c["name"] for c in ev["checks"]} == {"layers", "fit", "permutation", "low_middle", "rise",
+                                                     "final_change"}
+        assert all(c["passed"] and c["value"] is not None for c in ev["checks"])
+
+
+def test_max_scaled_levels_fail_on_the_7b_shape_but_the_shape_model_does_not():
+    # the old rule (four levels on max-scaled curves) puts phase 2 outside the low middle
+    pl, planted = shape_7b(32, 0.0, 0)
+    lang = np.add(pl["specific"], pl["related"]).astype(float)
+    gen = np.asarray(pl["general"], dtype=float)
+    old = segment_curves(np.stack([lang / lang.max(), gen / gen.max()], 1), 4, 2)
+    assert abs(old.starts[1] - planted[1]) > 2 or abs(old.starts[2] - planted[2]) > 2
+    phases, reliable, _, _ = find_phases(pl, 14336)
+    assert [p.start for p in phases] == planted and reliable
+
+
+@pytest.mark.parametrize("n_layers", [18, 32, 80])
+def test_shuffled_and_flat_7b_curves_are_not_reliable(n_layers):
+    for seed in range(6):
+        pl, _ = shape_7b(n_layers, 0.05, seed)
+        perm = np.random.default_rng(1000 + seed).permutation(n_layers)
+        shuffled = {k: [v[i] for i in perm] for k, v in pl.items()}
+        _, reliable, note, ev = find_phases(shuffled, 14336)
+        assert not reliable and note and ev["missing"]
+    flat = {"specific": [7] * n_layers, "related": [5] * n_layers, "general": [30] * n_layers,
+            "unassigned": [0] * n_layers}
+    _, reliable, note, ev = find_phases(flat, 100)
+    assert not reliable and "flat" in note
+
+
+def _curves(a: np.ndarray, g: np.ndarray) -> dict[str, list[int]]:
+    a = np.round(a).astype(int)
+    return {"specific": (a // 2).tolist(), "related": (a - a // 2).tolist(), "general": np.round(g).astype(int).tolist(),
+            "unassigned": [0] * len(a)}
+
+
+@pytest.mark.parametrize("n_layers", [24, 40])
+def test_missing_properties_are_named(n_layers):
+    t = np.arange(n_layers, dtype=float)
+    q = n_layers // 5
+    flat_g = 100 + 0 * t
+    # rises to the end, general flat: no final change
+    no_final = np.where(t < q, 300, np.where(t < n_layers // 2, 10, 10 + 390 * (t - n_layers // 2) / (n_layers // 2)))
+    _, reliable, note, ev = find_phases(_curves(no_final, flat_g), 1000)
+    assert not reliable and ev["missing"] == ["final_change"] and "no final change" in note
+    # ... the same curve with general neurons rising in the last layers is the shape
+    g_rise = np.where(t >= n_layers - 3, 400, 100)
+    _, reliable, note, ev = find_phases(_curves(no_final, g_rise), 1000)
+    assert reliable, note
+    # monotone rise: no low middle
+    _, reliable, note, ev = find_phases(_curves(400 * t / n_layers, flat_g), 1000)
+    assert not reliable and "low_middle" in ev["missing"] and "no low middle" in note
+    # high then low to the end: no rise
+    _, reliable, note, ev = find_phases(_curves(np.where(t < q, 400, 10), flat_g), 1000)
+    assert not reliable and "rise" in ev["missing"] and "no rise" in note
+    # every check is listed with its value, and the failing ones are exactly `missing`
+    assert [c["name"] for c in ev["checks"] if not c["passed"]] == ev["missing"]
+    assert all(isinstance(c["value"], (int, float)) for c in ev["checks"])
+
+
+def test_general_spike_does_not_move_the_phases():
+    pl, planted = shape_7b(32, 0.0, 1)
+    spiky = dict(pl, general=pl["general"][:-1] + [pl["general"][-1] * 20])
+    assert [p.start for p in find_phases(spiky, 14336)[0]] == [p.start for p in find_phases(pl, 14336)[0]]
+
+
+def test_general_not_available_segments_the_language_curve_alone():
+    pl, planted = shape_7b(32, 0.0, 2)
+    phases, reliable, note, ev = find_phases(pl, 14336, general_available=False)
+    assert ev["general_available"] is False and ev["levels"]["phase4_general"] is None
+    assert max(abs(p.start - b) for p, b in zip(phases, planted)) <= 2 and reliable, note
+    assert all(p.mean_share["general"] == 0 for p in phases)
+
+
+def test_evidence_lines_list_every_check():
+    pl, _ = shape_7b(24, 0.0, 0)
+    nmap = planted_map(pl["specific"], pl["related"], [min(g, 150) for g in pl["general"]], K=4, N=1200, seed=1)
+    an = analyze(nmap)
+    lines = evidence_lines(an)
+    assert len(lines) == len(an.phase_evidence["checks"]) == 6
+    assert all(line.startswith("ok") for line in lines) and any("low_middle" in line for line in lines)
+
+
+def test_map_marked_without_general_is_segmented_on_language_alone():
+    pl, planted = shape_7b(24, 0.0, 0)
+    nmap = planted_map(pl["specific"], pl["related"], [0] * 24, K=4, N=1200, seed=1)
+    nmap.meta["general_available"] = False
+    an = analyze(nmap)
+    assert an.phase_evidence["general_available"] is False
+    assert [p.start for p in an.phases] == planted and an.phases_reliable, an.phases_note

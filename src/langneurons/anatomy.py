@@ -15,32 +15,19 @@
 
 How the phases are found (docs/anatomy.md has the long version)
 -------------------------------------------------------------
-Each layer becomes a point with two coordinates: its number of *language* neurons
-(specific + related) and its number of *general* neurons, each curve divided by its own maximum
-over layers so both classes weigh the same whatever their absolute sizes. The layers are split
-into exactly four contiguous segments, each at least ``min_len`` layers long, minimising the
-within-segment sum of squared deviations from the segment mean (piecewise-constant least
-squares). The minimum is found exactly by dynamic programming over change points (O(4·L²)),
-never by hard-coded layer numbers. Ties (costs equal within 1e-10 of the total sum of squares)
-go to the earliest possible start of each segment, scanning from the last segment backwards, so
-the result is deterministic.
+The language curve (specific + related per layer) leads; the general curve breaks ties. Each is
+divided by a robust scale (its 0.9 quantile over layers, so one spike such as the general neurons
+of a 7B model's last layer cannot flatten the rest) and clipped; general is weighted 0.25. The
+layers are split into four contiguous segments of at least ``min_len`` layers fitted by the
+published shape: phase 1 a level, phase 2 a level, phase 3 a line (the gradual rise), phase 4 a
+level, minimising the total squared residual exactly by dynamic programming (O(4·L²)); ties go
+to the earliest boundaries, so the result is deterministic.
 
-The segmentation is *reliable* only when all of these hold (thresholds in `PhaseConfig`):
-
-* the model has more than ``4 · min_len`` layers (min_len defaults to max(2, round(L/16))); with
-  exactly ``4 · min_len`` the split is forced, not found;
-* the four-segment fit explains at least ``min_r2`` (0.5) of the variance of the curves;
-* it beats shuffled layers: a permutation test (``permutations`` = 199 random layer orders with
-  a fixed seed, each segmented the same way) gives p <= ``max_p`` (0.05). Noise alone gets a
-  sizeable R² when there are few layers per segment; this test calibrates for that;
-* the fourth segment is needed: going from 3 to 4 segments removes at least ``min_gain4``
-  (1%) of the variance (otherwise the curves show fewer than four phases).
-
-Otherwise the best-effort segmentation is still returned, with ``phases_reliable = False`` and a
-plain-English ``phases_note`` saying why. Flat or all-zero curves get four equal-length
-segments; fewer than four layers give no phases at all. The phases are named in depth order;
-whether they show the paper's signature (fewer language neurons in phase 2 than in phases 1 and
-3) is checked and reported as evidence, not assumed.
+``phases_reliable`` means the shape is there: every check in ``phase_evidence["checks"]`` passes
+(enough layers, fit R² >= min_r2, permutation p <= max_p against shuffled layer orders, a low
+middle, a rise in phase 3 and a final change in phase 4, the last three at least ``min_step``
+of the language curve's scale). ``phase_evidence["missing"]`` names the failed checks and
+``phases_note`` says what is missing in words. The best-effort segmentation is always returned.
 """
 
 from __future__ import annotations
@@ -75,9 +62,12 @@ class PhaseConfig:
     """Settings of the phase segmentation (defaults are the documented ones)."""
 
     min_len: int | None = None  # minimum layers per phase; None = max(2, round(L / 16))
-    min_r2: float = 0.5  # the 4-segment fit must explain at least this share of the variance
+    min_r2: float = 0.5  # the four-phase shape must explain at least this share of the variance
     max_p: float = 0.05  # ... and beat shuffled layer orders at this level
-    min_gain4: float = 0.01  # ... and the 4th segment must remove at least this share of the variance
+    min_step: float = 0.2  # low middle, rise and final change: each at least this, in language-scale units
+    scale_quantile: float = 0.9  # each curve is divided by this quantile over layers (robust to spikes)
+    clip: float = 2.0  # ... and clipped at this many scales
+    general_weight: float = 0.25  # weight of the general curve (the language curve leads)
     permutations: int = 199
     seed: int = 0
 
@@ -102,42 +92,68 @@ class Segmentation:
         return 1.0 - self.cost / self.total_ss if self.total_ss > 0 else 0.0
 
 
-def _cost_matrix(x: np.ndarray, min_len: int) -> np.ndarray:
-    """C[b, i, j] = within-segment SSE of rows i..j-1 of x[b] (inf when j - i < min_len)."""
+#: The segment model of each phase, in depth order: "const" = a level, "linear" = a line.
+SHAPE_MODELS = ("const", "const", "linear", "const")
+
+
+def _cost_matrices(x: np.ndarray, models: tuple[str, ...], min_len: int) -> list[np.ndarray]:
+    """One [B, L+1, L+1] matrix per distinct model: C[b, i, j] = least-squares SSE of rows i..j-1
+    of x[b] under that model (each column fitted separately), inf when j - i < min_len.
+
+    Prefix sums make every entry O(D); the line fit uses layer positions centred on the model's
+    middle so the sums stay well conditioned."""
     b, n, _ = x.shape
-    s1 = np.concatenate([np.zeros((b, 1, x.shape[2])), np.cumsum(x, axis=1)], axis=1)  # [B, L+1, D]
-    s2 = np.concatenate([np.zeros((b, 1)), np.cumsum((x ** 2).sum(-1), axis=1)], axis=1)  # [B, L+1]
+    t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.zeros_like(a[:, :1]), np.cumsum(a, axis=1)], axis=1)
+
+    s_y = pad(x)  # [B, L+1, D]
+    s_yy = pad(x ** 2)
     idx = np.arange(n + 1)
     length = idx[None, :] - idx[:, None]  # [i, j] = j - i
-    diff = s1[:, None, :, :] - s1[:, :, None, :]  # [B, i, j, D] = S1[j] - S1[i]
-    sse = (s2[:, None, :] - s2[:, :, None]) - (diff ** 2).sum(-1) / np.maximum(length, 1)
-    return np.where(length >= min_len, np.maximum(sse, 0.0), np.inf)
+    ln = np.maximum(length, 1).astype(np.float64)
+    sy = s_y[:, None, :, :] - s_y[:, :, None, :]  # [B, i, j, D]
+    syy = s_yy[:, None, :, :] - s_yy[:, :, None, :]
+    const = (syy - sy ** 2 / ln[None, :, :, None]).sum(-1)
+    out: dict[str, np.ndarray] = {"const": const}
+    if "linear" in models:
+        st1 = np.concatenate([[0.0], np.cumsum(t)])
+        st2 = np.concatenate([[0.0], np.cumsum(t ** 2)])
+        s_ty = pad(x * t[None, :, None])
+        st = st1[None, :] - st1[:, None]
+        stt = st2[None, :] - st2[:, None] - st ** 2 / ln  # centred sum of squares of positions
+        sty = (s_ty[:, None, :, :] - s_ty[:, :, None, :]) - st[None, :, :, None] * sy / ln[None, :, :, None]
+        safe = np.where(stt > 1e-9, stt, np.inf)
+        out["linear"] = const - (sty ** 2).sum(-1) / safe[None]
+    valid = length >= min_len
+    return [np.where(valid, np.maximum(out[m], 0.0), np.inf) for m in models]
 
 
-def _dp(x: np.ndarray, n_segments: int, min_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact DP over change points for a batch x [B, L, D].
+def _dp_models(x: np.ndarray, models: tuple[str, ...], min_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact DP over change points for a batch x [B, L, D], segment s following models[s].
 
-    Returns (costs [B, n_segments] for 1..n_segments segments, starts [B, n_segments], total_ss [B]).
-    """
+    Returns (costs [B, S]: best cover of all L layers by the first s+1 segments, starts [B, S],
+    total_ss [B]). Ties (within 1e-10 of the largest total sum of squares) go to the earliest
+    start of each segment, backtracking from the last segment, so the result is deterministic."""
     b, n, _ = x.shape
-    cost = _cost_matrix(x, min_len)
+    mats = _cost_matrices(x, models, min_len)
     total_ss = ((x - x.mean(axis=1, keepdims=True)) ** 2).sum(axis=(1, 2))
     tol = 1e-10 * float(total_ss.max(initial=0.0)) + 1e-15
     best = np.full((b, n + 1), np.inf)
     best[:, 0] = 0.0
-    back = np.zeros((n_segments, b, n + 1), dtype=np.int64)
-    costs = np.empty((b, n_segments))
-    for s in range(n_segments):
-        vals = best[:, :, None] + cost  # [B, i, j]: best s-segment cover of :i, then one segment i:j
-        low = vals.min(axis=1)  # [B, j]
-        # ties: the earliest i whose cost is within tol of the minimum (deterministic)
+    back = np.zeros((len(models), b, n + 1), dtype=np.int64)
+    costs = np.empty((b, len(models)))
+    for s, cost in enumerate(mats):
+        vals = best[:, :, None] + cost  # [B, i, j]
+        low = vals.min(axis=1)
         back[s] = np.argmax(vals <= low[:, None, :] + tol, axis=1)
         best = low
         costs[:, s] = best[:, n]
-    starts = np.empty((b, n_segments), dtype=np.int64)
+    starts = np.empty((b, len(models)), dtype=np.int64)
     j = np.full(b, n)
     rows = np.arange(b)
-    for s in range(n_segments - 1, -1, -1):
+    for s in range(len(models) - 1, -1, -1):
         j = back[s, rows, j]
         starts[:, s] = j
     return costs, starts, total_ss
@@ -155,39 +171,83 @@ def segment_curves(curves: np.ndarray | torch.Tensor, n_segments: int = 4, min_l
     n = x.shape[0]
     if n_segments < 1 or min_len < 1 or n_segments * min_len > n:
         raise ValueError(f"cannot split {n} layers into {n_segments} segments of at least {min_len}")
-    costs, starts, total_ss = _dp(x[None], n_segments, min_len)
+    costs, starts, total_ss = _dp_models(x[None], ("const",) * n_segments, min_len)
+    st = starts[0].tolist()
+    ends = [s - 1 for s in st[1:]] + [n - 1]
+    return Segmentation(st, ends, float(costs[0, -1]), float(total_ss[0]), costs[0].tolist(), min_len)
+
+
+def segment_shape(curves: np.ndarray | torch.Tensor, models: tuple[str, ...] = SHAPE_MODELS,
+                  min_len: int = 1) -> Segmentation:
+    """Split the rows (layers) of ``curves`` [L] or [L, D] into ``len(models)`` contiguous segments
+    of at least ``min_len`` rows, segment s fitted by ``models[s]`` ("const": its mean, "linear":
+    a least-squares line per column), minimising the total squared residual (exact DP).
+
+    ``costs_by_k[s]`` is the best cover of all layers by the first s+1 segment models."""
+    x = np.asarray(curves, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    n, k = x.shape[0], len(models)
+    if k < 1 or min_len < 1 or k * min_len > n or any(m not in ("const", "linear") for m in models):
+        raise ValueError(f"cannot split {n} layers into segments {models} of at least {min_len}")
+    costs, starts, total_ss = _dp_models(x[None], tuple(models), min_len)
     st = starts[0].tolist()
     ends = [s - 1 for s in st[1:]] + [n - 1]
     return Segmentation(st, ends, float(costs[0, -1]), float(total_ss[0]), costs[0].tolist(), min_len)
 
 
 def permutation_p_value(curves: np.ndarray, observed_r2: float, n_segments: int, min_len: int,
-                        permutations: int = 199, seed: int = 0) -> float:
+                        permutations: int = 199, seed: int = 0, models: tuple[str, ...] | None = None) -> float:
     """Share of random layer orders whose best segmentation fits at least as well (with the +1
-    correction, so p >= 1 / (permutations + 1)). Deterministic for a given seed."""
+    correction, so p >= 1 / (permutations + 1)). Deterministic for a given seed. ``models``
+    (default: ``n_segments`` constant segments) is the segment model used for every shuffle."""
     x = np.asarray(curves, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
     if permutations <= 0:
         return float("nan")
+    models = tuple(models) if models is not None else ("const",) * n_segments
     rng = np.random.default_rng(seed)
     order = np.argsort(rng.random((permutations, x.shape[0])), axis=1)
     hits = 0
     for chunk in np.array_split(np.arange(permutations), max(1, math.ceil(permutations / 64))):
         xp = x[order[chunk]]  # [b, L, D]
-        costs, _, total_ss = _dp(xp, n_segments, min_len)
+        costs, _, total_ss = _dp_models(xp, models, min_len)
         r2 = 1.0 - costs[:, -1] / np.where(total_ss > 0, total_ss, 1.0)
         hits += int((r2 >= observed_r2 - 1e-12).sum())
     return (hits + 1) / (permutations + 1)
 
 
-def phase_features(per_layer: dict[str, list[int]]) -> np.ndarray:
-    """[L, 2]: (specific + related, general) per layer, each curve scaled by its max over layers."""
+def robust_scale(v: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of ``v`` over layers (linear interpolation), else its max, else 1.
+
+    A high quantile is the typical high level of a curve; unlike the max, one spike (e.g. general
+    neurons in the last layer) does not shrink every other layer to nothing."""
+    v = np.asarray(v, dtype=np.float64)
+    if v.size == 0:
+        return 1.0
+    q = float(np.quantile(v, quantile))
+    if q > 0:
+        return q
+    top = float(v.max())
+    return top if top > 0 else 1.0
+
+
+def phase_features(per_layer: dict[str, list[int]], config: "PhaseConfig | None" = None,
+                   general_available: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+    """([L, 2], scales): the segmented curves and the scales used.
+
+    Column 0: language neurons (specific + related) / their robust scale, clipped at ``clip``;
+    column 1: general neurons / their robust scale, clipped at ``clip``, times ``general_weight``
+    (the language curve leads, general breaks ties); all zero when general is not available."""
+    cfg = config or PhaseConfig()
     lang = np.asarray(per_layer["specific"], dtype=np.float64) + np.asarray(per_layer["related"], dtype=np.float64)
-    gen = np.asarray(per_layer["general"], dtype=np.float64)
-    feats = np.stack([lang, gen], axis=1) if len(lang) else np.zeros((0, 2))
-    top = feats.max(axis=0, initial=0.0)
-    return feats / np.where(top > 0, top, 1.0)
+    gen = np.asarray(per_layer.get("general", [0] * len(lang)), dtype=np.float64)
+    s_lang, s_gen = robust_scale(lang, cfg.scale_quantile), robust_scale(gen, cfg.scale_quantile)
+    a = np.minimum(lang / s_lang, cfg.clip)
+    g = cfg.general_weight * np.minimum(gen / s_gen, cfg.clip) if general_available else np.zeros_like(a)
+    feats = np.stack([a, g], axis=1) if len(lang) else np.zeros((0, 2))
+    return feats, {"language": s_lang, "general": s_gen if general_available else float("nan")}
 
 
 # -- the anatomy ---------------------------------------------------------------------------
@@ -320,80 +380,159 @@ def _pivot_summary(pivot: str, per_language: dict[str, dict[str, int]]) -> dict[
                     f"{len(others) + 1}"}
 
 
-def find_phases(per_layer: dict[str, list[int]], num_neurons: int,
-                config: PhaseConfig | None = None) -> tuple[list[Phase], bool, str, dict[str, Any]]:
-    """Segment the class curves into the four phases; returns (phases, reliable, note, evidence)."""
+def _check(name: str, value: float | None, threshold: float | None, passed: bool, what: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "what": what}
+
+
+def _line_ends(y: np.ndarray) -> tuple[float, float]:
+    """Least-squares line through y over its positions: (fitted first value, fitted last value)."""
+    if len(y) < 2:
+        return float(y[0]), float(y[0])
+    t = np.arange(len(y), dtype=np.float64)
+    slope, icpt = np.polyfit(t, y, 1)
+    return float(icpt), float(icpt + slope * (len(y) - 1))
+
+
+def find_phases(per_layer: dict[str, list[int]], num_neurons: int, config: PhaseConfig | None = None,
+                general_available: bool = True) -> tuple[list[Phase], bool, str, dict[str, Any]]:
+    """Segment the class curves into the four phases; returns (phases, reliable, note, evidence).
+
+    ``general_available=False`` (a map imported without statistics) segments the language curve
+    alone and says so in the evidence."""
     cfg = config or PhaseConfig()
     n_layers = len(per_layer["specific"])
     n_seg = len(PHASE_NAMES)
     counts = {c: np.asarray(per_layer.get(c, [0] * n_layers), dtype=np.float64) for c in CLASSES}
+    if not general_available:
+        counts["general"] = np.zeros(n_layers)
     shares = {c: v / max(num_neurons, 1) for c, v in counts.items()}
     shares["language"] = shares["specific"] + shares["related"]
     evidence: dict[str, Any] = {
-        "method": "exact dynamic programming over change points (piecewise-constant least squares)",
-        "features": ["specific+related count per layer / its max over layers",
-                     "general count per layer / its max over layers"],
-        "thresholds": {"min_r2": cfg.min_r2, "max_p": cfg.max_p, "min_gain4": cfg.min_gain4,
-                       "permutations": cfg.permutations, "seed": cfg.seed},
+        "method": "exact dynamic programming over change points, shape-constrained least squares: "
+                  "phase 1 a level, phase 2 a level, phase 3 a line, phase 4 a level",
+        "models": list(SHAPE_MODELS),
+        "features": ["specific+related per layer / its robust scale, clipped",
+                     (f"general per layer / its robust scale, clipped, x {cfg.general_weight:g}" if general_available
+                      else "general: not available (map imported without statistics); not used")],
+        "general_available": general_available,
+        "thresholds": {"min_r2": cfg.min_r2, "max_p": cfg.max_p, "min_step": cfg.min_step,
+                       "scale_quantile": cfg.scale_quantile, "clip": cfg.clip,
+                       "general_weight": cfg.general_weight, "permutations": cfg.permutations, "seed": cfg.seed},
+        "checks": [], "missing": [],
     }
     if n_layers < n_seg:
         note = (f"the model has {n_layers} layer(s); four phases need at least {n_seg} layers "
                 "(one per phase), so no phases are reported")
+        evidence["missing"] = ["layers"]
+        evidence["checks"] = [_check("layers", n_layers, n_seg, False, "enough layers for four phases")]
         return [], False, note, evidence
 
     problems: list[str] = []
+    checks: list[dict[str, Any]] = []
     min_len = cfg.auto_min_len(n_layers)
+    layers_ok = n_layers > n_seg * min_len
     if n_layers < n_seg * min_len:
-        problems.append(f"{n_layers} layers are too few for four phases of at least {min_len} layers each; "
-                        f"the split uses {max(1, n_layers // n_seg)}-layer phases and is only indicative")
+        problems.append(f"too few layers: {n_layers} layers cannot hold four phases of at least {min_len} layers "
+                        f"each; the split uses {max(1, n_layers // n_seg)}-layer phases and is only indicative")
         min_len = max(1, n_layers // n_seg)
     elif n_layers == n_seg * min_len:
-        problems.append(f"{n_layers} layers allow only one split into four phases of at least {min_len} layers: "
-                        "the boundaries are forced, not found")
+        problems.append(f"too few layers: {n_layers} layers allow only one split into four phases of at least "
+                        f"{min_len} layers: the boundaries are forced, not found")
+    checks.append(_check("layers", n_layers, n_seg * min_len, layers_ok,
+                         "more layers than four phases of the minimum length (otherwise the split is forced)"))
     evidence["min_segment_layers"] = min_len
-    x = phase_features(per_layer)
+    x, scales = phase_features(per_layer, cfg, general_available)
+    evidence["scales"] = scales
     total_ss = float(((x - x.mean(axis=0)) ** 2).sum())
     evidence["total_ss"] = total_ss
+    degenerate = None
     if not any(counts[c].any() for c in ("specific", "related", "general")):
-        problems.append("no layer has any specific, related or general neuron: there are no class curves to "
-                        "segment (equal-length phases shown)")
-        starts = [int(a[0]) for a in np.array_split(np.arange(n_layers), n_seg)]
-        evidence.update(cost=0.0, r2=0.0, r2_by_segments=[0.0] * n_seg, gain4=0.0, p_value=None)
+        degenerate = ("no layer has any specific, related or general neuron: there are no class curves to "
+                      "segment (equal-length phases shown)")
     elif total_ss <= 1e-12:
-        problems.append("the class curves are flat (every layer has the same counts): nothing separates the "
-                        "phases (equal-length phases shown)")
+        degenerate = ("the class curves are flat (every layer has the same counts): nothing separates the "
+                      "phases (equal-length phases shown)")
+    if degenerate is not None:
+        problems.append(degenerate)
         starts = [int(a[0]) for a in np.array_split(np.arange(n_layers), n_seg)]
         evidence.update(cost=0.0, r2=0.0, r2_by_segments=[0.0] * n_seg, gain4=0.0, p_value=None)
+        checks.append(_check("signal", 0.0, None, False, "the curves vary over layers"))
     else:
-        seg = segment_curves(x, n_seg, min_len)
+        seg = segment_shape(x, SHAPE_MODELS, min_len)
         starts = seg.starts
-        r2_by = [min(1.0, max(0.0, 1.0 - c / total_ss)) for c in seg.costs_by_k]
-        gain4 = (seg.costs_by_k[-2] - seg.costs_by_k[-1]) / total_ss
-        p = permutation_p_value(x, seg.r2, n_seg, min_len, cfg.permutations, cfg.seed) \
+        # reference: piecewise-constant fits with 1..4 segments (how many steps the curves have)
+        ref = segment_curves(x, n_seg, min_len)
+        r2_by = [min(1.0, max(0.0, 1.0 - c / total_ss)) for c in ref.costs_by_k]
+        gain4 = (ref.costs_by_k[-2] - ref.costs_by_k[-1]) / total_ss
+        p = permutation_p_value(x, seg.r2, n_seg, min_len, cfg.permutations, cfg.seed, SHAPE_MODELS) \
             if cfg.permutations > 0 else None  # permutations=0 switches the test off
         evidence.update(cost=seg.cost, r2=seg.r2, r2_by_segments=r2_by, gain4=gain4, p_value=p)
+        checks.append(_check("fit", seg.r2, cfg.min_r2, seg.r2 >= cfg.min_r2,
+                             "share of the curves' variance the four-phase shape explains (R²)"))
         if seg.r2 < cfg.min_r2:
-            problems.append(f"four phases explain only {seg.r2:.0%} of the variation of the class curves "
-                            f"(needs {cfg.min_r2:.0%}): the curves are too flat or noisy")
+            problems.append(f"poor fit: the four-phase shape explains only {seg.r2:.0%} of the variation of the "
+                            f"class curves (needs {cfg.min_r2:.0%}): the curves are too flat or noisy")
+        checks.append(_check("permutation", p, cfg.max_p, p is None or p <= cfg.max_p,
+                             "share of shuffled layer orders that fit the shape at least as well"))
         if p is not None and p > cfg.max_p:
-            problems.append(f"the split is no better than for randomly shuffled layers (permutation p = {p:.2f} "
-                            f"> {cfg.max_p})")
-        if gain4 < cfg.min_gain4:
-            problems.append(f"a fourth phase adds only {gain4:.1%} explained variance over three "
-                            f"(needs {cfg.min_gain4:.0%}): the curves show fewer than four distinct phases")
+            problems.append(f"not better than shuffled layers: permutation p = {p:.2f} > {cfg.max_p}")
+    # the published shape, measured on the scaled language curve (units of its robust scale)
     ends = [s - 1 for s in starts[1:]] + [n_layers - 1]
+    a = x[:, 0]
+    g = x[:, 1] / cfg.general_weight if cfg.general_weight > 0 else x[:, 1]
+    seg_a = [a[s:e + 1] for s, e in zip(starts, ends)]
+    seg_g = [g[s:e + 1] for s, e in zip(starts, ends)]
+    m1, m2, m4 = float(seg_a[0].mean()), float(seg_a[1].mean()), float(seg_a[3].mean())
+    start3, end3 = _line_ends(seg_a[2])
+    low_middle = m1 - m2
+    rise = end3 - m2
+    fall = end3 - m4
+    gen_rise = float(seg_g[3].mean() - seg_g[2].mean()) if general_available else None
+    final = max(fall, gen_rise) if gen_rise is not None else fall
+    evidence["levels"] = {"phase1_language": m1, "phase2_language": m2, "phase3_language_start": start3,
+                          "phase3_language_end": end3, "phase4_language": m4,
+                          "phase3_general": float(seg_g[2].mean()) if general_available else None,
+                          "phase4_general": float(seg_g[3].mean()) if general_available else None}
+    step = cfg.min_step
+    shape_checks = [
+        ("low_middle", low_middle, "phase 2 has fewer language neurons than phase 1 (mean 1 − mean 2)",
+         f"no low middle: phase 2 does not have clearly fewer language neurons than phase 1 "
+         f"(difference {low_middle:.2f} of the language curve's scale, needs {step:g})"),
+        ("rise", rise, "language neurons rise over phase 3 above phase 2 (end of phase 3's line − mean 2)",
+         f"no rise: language neurons do not rise in phase 3 above phase 2 "
+         f"(difference {rise:.2f} of the language curve's scale, needs {step:g})"),
+        ("final_change", final, "phase 4 falls from phase 3's peak or has more general neurons "
+                                "(max of: end of phase 3 − mean 4; general mean 4 − mean 3)",
+         f"no final change: in phase 4 language neurons do not fall from phase 3's peak ({fall:.2f}) "
+         + (f"and general neurons do not rise ({gen_rise:.2f})" if gen_rise is not None
+            else "(general neurons not available)") + f"; needs {step:g} of the curve's scale"),
+    ]
+    for name, value, what, why in shape_checks:
+        ok = degenerate is None and value >= step
+        checks.append(_check(name, float(value), step, ok, what))
+        if degenerate is None and not ok:
+            problems.append(why)
+    evidence["checks"] = checks
+    evidence["missing"] = [c["name"] for c in checks if not c["passed"]]
+    evidence["language_dip_in_phase_2"] = bool(degenerate is None and low_middle >= step and rise >= step)
     phases = []
-    for name, a, b in zip(PHASE_NAMES, starts, ends):
-        phases.append(Phase(name, int(a), int(b), {c: float(v[a:b + 1].mean()) for c, v in shares.items()}))
-    lang_means = [p.mean_share["language"] for p in phases]
-    dip = bool(lang_means[1] < lang_means[0] and lang_means[1] < lang_means[2])
-    evidence["language_dip_in_phase_2"] = dip
+    for name, s0, s1 in zip(PHASE_NAMES, starts, ends):
+        phases.append(Phase(name, int(s0), int(s1), {c: float(v[s0:s1 + 1].mean()) for c, v in shares.items()}))
     reliable = not problems
-    notes = list(problems)
-    if not dip and (counts["specific"].any() or counts["related"].any()):
-        notes.append("phase 2 does not have fewer language neurons than phases 1 and 3 (the published pattern); "
-                     "read the phase names as positions, not as established functions")
-    return phases, reliable, "; ".join(notes), evidence
+    return phases, reliable, "; ".join(problems), evidence
+
+
+def evidence_lines(an: "Anatomy") -> list[str]:
+    """The phase evidence as plain-text lines (one per check), for the CLI and the report."""
+    ev = an.phase_evidence
+    out = []
+    for c in ev.get("checks", []):
+        v, th = c.get("value"), c.get("threshold")
+        vt = "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+        cmp = {"fit": ">=", "permutation": "<=", "layers": ">"}.get(c["name"], ">=")
+        tt = "" if th is None else f" (needs {cmp} {th:g})"
+        out.append(f"{'ok  ' if c['passed'] else 'FAIL'} {c['name']}: {vt}{tt} - {c['what']}")
+    return out
 
 
 def analyze(nmap: NeuronMap, pivot: str = "en", config: PhaseConfig | None = None,
@@ -417,7 +556,9 @@ def analyze(nmap: NeuronMap, pivot: str = "en", config: PhaseConfig | None = Non
         per_language[lang] = {"specific": spec, "related": rel, "general": sum(per_lang["general"][i]),
                               "language": int(own[i])}
     totals = {c: sum(per_layer[c]) for c in CLASSES}
-    phases, reliable, note, evidence = find_phases(per_layer, nmap.num_neurons, config)
+    # a map imported without statistics cannot know which unselected neurons are general
+    general_available = nmap.meta.get("general_available", True) is not False
+    phases, reliable, note, evidence = find_phases(per_layer, nmap.num_neurons, config, general_available)
     return Anatomy(
         languages=list(nmap.languages), num_layers=nmap.num_layers, num_neurons=nmap.num_neurons,
         model=str(nmap.meta.get("model") or ""), method=nmap.meta.get("method"),

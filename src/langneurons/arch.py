@@ -33,6 +33,9 @@ class MlpArchitecture:
     act_path: str  # relative to a layer
     size_path: str  # relative to a layer; an int attribute giving N
     activation: str  # documentation: which nonlinearity (all are > 0 iff input > 0)
+    # the final norm applied to the last residual before the unembedding (logit lens); candidates
+    # relative to the top-level model; () = the family has none
+    final_norm_paths: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, MlpArchitecture] = {}
@@ -45,6 +48,7 @@ def register_architecture(arch: MlpArchitecture) -> None:
 
 
 _GATED_LAYERS = ("model.layers", "model.language_model.layers", "language_model.model.layers")
+_GATED_NORMS = ("model.norm", "model.language_model.norm", "language_model.model.norm")
 for _fam, _types, _act in [
     ("llama", ("llama",), "silu"),
     ("mistral", ("mistral",), "silu"),
@@ -54,16 +58,18 @@ for _fam, _types, _act in [
     ("gemma2", ("gemma2",), "gelu-tanh"),
     ("gemma3", ("gemma3", "gemma3_text"), "gelu-tanh"),
 ]:
-    register_architecture(MlpArchitecture(_fam, _types, _GATED_LAYERS, "mlp.act_fn", "mlp.gate_proj.out_features", _act))
+    register_architecture(MlpArchitecture(_fam, _types, _GATED_LAYERS, "mlp.act_fn", "mlp.gate_proj.out_features", _act,
+                                          _GATED_NORMS))
 register_architecture(MlpArchitecture("phi3", ("phi3",), ("model.layers",), "mlp.activation_fn",
-                                      "mlp.down_proj.in_features", "silu (gate half of gate_up_proj)"))
-register_architecture(MlpArchitecture("gpt2", ("gpt2",), ("transformer.h",), "mlp.act", "mlp.c_fc.nf", "gelu_new"))
+                                      "mlp.down_proj.in_features", "silu (gate half of gate_up_proj)", ("model.norm",)))
+register_architecture(MlpArchitecture("gpt2", ("gpt2",), ("transformer.h",), "mlp.act", "mlp.c_fc.nf", "gelu_new",
+                                      ("transformer.ln_f",)))
 register_architecture(MlpArchitecture("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "mlp.act",
-                                      "mlp.dense_h_to_4h.out_features", "gelu"))
+                                      "mlp.dense_h_to_4h.out_features", "gelu", ("gpt_neox.final_layer_norm",)))
 register_architecture(MlpArchitecture("bloom", ("bloom",), ("transformer.h",), "mlp.gelu_impl",
-                                      "mlp.dense_h_to_4h.out_features", "gelu (tanh approx.)"))
+                                      "mlp.dense_h_to_4h.out_features", "gelu (tanh approx.)", ("transformer.ln_f",)))
 register_architecture(MlpArchitecture("opt", ("opt",), ("model.decoder.layers",), "activation_fn",
-                                      "fc1.out_features", "relu"))
+                                      "fc1.out_features", "relu", ("model.decoder.final_layer_norm",)))
 
 
 def supported_families() -> list[str]:
@@ -196,3 +202,50 @@ def body_of(model: nn.Module) -> nn.Module:
     if isinstance(base, nn.Module) and base is not model:
         return base
     return model
+
+
+@dataclass
+class Unembedding:
+    """What turns a residual-stream vector into next-token logits (the logit lens):
+    ``logits = softcap(head(post(norm(h))))``, exactly as the model's own forward does."""
+
+    layers: list[nn.Module]  # the transformer blocks; the lens reads each block's output
+    norm: nn.Module | None  # final norm (None: the family has none, e.g. OPT-350m)
+    post: list[nn.Module]  # modules between the norm and the head (OPT's project_out)
+    head: nn.Module  # the unembedding (tied or not: whatever get_output_embeddings() returns)
+    softcap: float | None  # Gemma 2/3: logits = cap * tanh(logits / cap)
+    family: str
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h) if self.norm is not None else h
+        for m in self.post:
+            x = m(x)
+        out = self.head(x)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def locate_unembedding(model: nn.Module) -> Unembedding:
+    """The blocks, final norm, unembedding and logit soft-cap of a supported family."""
+    mt = _model_type(model)
+    arch = _REGISTRY.get(mt)
+    if arch is None:
+        raise ArchitectureError(f"unsupported architecture {mt!r} for the logit lens: supported families are "
+                                f"{', '.join(supported_families())}")
+    layers = next((ls for lp in arch.layers_paths if isinstance(ls := _try_get(model, lp), (nn.ModuleList, list))
+                   and len(ls) > 0), None)
+    if layers is None:
+        raise ArchitectureError(f"{mt}: none of the layer paths {arch.layers_paths} exists in this model")
+    norm = next((m for p in arch.final_norm_paths if isinstance(m := _try_get(model, p), nn.Module)), None)
+    if norm is None and arch.final_norm_paths and mt != "opt":
+        raise ArchitectureError(f"{mt}: no final norm at {arch.final_norm_paths}; the logit lens cannot read it")
+    post = [m for m in [_try_get(model, "model.decoder.project_out")] if isinstance(m, nn.Module)] if mt == "opt" else []
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        raise ArchitectureError(f"{mt}: the model has no output embedding (load it with AutoModelForCausalLM)")
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cap = getattr(text_cfg, "final_logit_softcapping", None)
+    return Unembedding(list(layers), norm, post, head, float(cap) if cap else None, arch.family)

@@ -408,3 +408,44 @@ def write_figures(run_dir: str | Path, an: "Anatomy", nmap: "NeuronMap",
                if meta.get("lambda") is None else "the neuron map carries no λ trace")
         results.append(FigureResult("lambda_sweep", "Automatic λ search", "", skipped=why))
     return results
+
+
+_CHECK_TEXT = {
+    "layers": "enough layers (more than 4 × the minimum phase length)",
+    "signal": "the class curves vary over layers",
+    "fit": "R² of the four-phase shape",
+    "permutation": "permutation p (shuffled layer orders)",
+    "low_middle": "low middle: phase 1 − phase 2 language level",
+    "rise": "rise: end of phase 3 − phase 2 language level",
+    "final_change": "final change: fall from phase 3's peak, or rise of general neurons",
+}
+
+
+def phase_evidence_html(an: "Anatomy") -> str:
+    """The phase evidence as an HTML paragraph plus one table row per check (value, threshold, pass)."""
+    from .sections import esc, table_html
+
+    ev = an.phase_evidence
+    checks = ev.get("checks") or []
+    if not checks:
+        return ""
+    scales = ev.get("scales") or {}
+    gen = ("general neurons are not available for this map (imported without statistics), so the language "
+           "curve alone is segmented" if ev.get("general_available") is False
+           else f"the general curve (scale {scales.get('general', float('nan')):,.4g}) only breaks ties")
+    intro = ("<p>Evidence: the phases are the exact least-squares fit (dynamic programming over change points) "
+             "of the shape <i>level, level, line, level</i> to the per-layer language neurons (specific + related), "
+             f"divided by a robust scale ({esc(scales.get('language', '—'))}: the "
+             f"{esc(ev.get('thresholds', {}).get('scale_quantile', 0.9))} quantile over layers) and clipped; "
+             f"{esc(gen)}. Shape checks are in units of that scale. At least "
+             f"{esc(ev.get('min_segment_layers', '—'))} layers per phase.</p>")
+    rows = []
+    for c in checks:
+        v, th = c.get("value"), c.get("threshold")
+        rows.append([_CHECK_TEXT.get(c["name"], c["name"]),
+                     "—" if v is None else (round(float(v), 3) if isinstance(v, float) else v),
+                     "—" if th is None else th, "yes" if c.get("passed") else "NO"])
+    r2s = ev.get("r2_by_segments")
+    ref = ("<p class=small>For reference, four plain levels (no line) explain R² = "
+           + esc(", ".join(f"{i + 1}: {v:.3f}" for i, v in enumerate(r2s))) + " with 1–4 phases.</p>") if r2s else ""
+    return intro + table_html(["check", "value", "threshold", "passed"], rows, cls="checks") + ref

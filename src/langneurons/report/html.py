@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import LangNeuronsError
 from ..io import atomic_write_text
 from ..runs import RunDir
-from .figures import FigureResult, saturation_text, short_model, write_figures
+from .figures import FigureResult, phase_evidence_html, saturation_text, short_model, write_figures
 from .sections import esc, figure_html, note_html, register_section, sections, table_html
 
 if TYPE_CHECKING:
@@ -177,24 +177,14 @@ def _section_anatomy(run_dir: Path, ctx: ReportContext) -> str | None:
         out.append("<p class=small>Shares are means over the phase's layers of the class count divided by the "
                    f"layer's {an.num_neurons:,} neurons.</p>")
     ev = an.phase_evidence
-    if ev.get("r2_by_segments") is not None:
-        r2s = ", ".join(f"{i + 1}: {v:.3f}" for i, v in enumerate(ev["r2_by_segments"]))
-        pv = ev.get("p_value")
-        out.append(
-            "<p>Evidence: the segmentation minimises the within-phase sum of squares of the per-layer "
-            "(specific+related, general) counts, each scaled by its maximum, exactly (dynamic programming, "
-            f"at least {esc(ev.get('min_segment_layers', '—'))} layers per phase). Variance explained (R²) by "
-            f"1–4 phases: {esc(r2s)}; the fourth phase adds {ev.get('gain4', 0):.1%}; permutation test against "
-            f"shuffled layers: p = {esc('—' if pv is None else f'{pv:.3f}')}. Phase 2 has fewer language neurons "
-            f"than phases 1 and 3: {'yes' if ev.get('language_dip_in_phase_2') else 'no'}.</p>")
-    th = ev.get("thresholds") or {}
+    out.append(phase_evidence_html(an))
     if an.phases_reliable:
-        out.append(note_html("The four-phase segmentation is reliable by the documented rule "
-                             f"(R² ≥ {th.get('min_r2', 0.5):g}, permutation p ≤ {th.get('max_p', 0.05):g}, "
-                             f"the fourth phase adds ≥ {th.get('min_gain4', 0.01):.0%})."
+        out.append(note_html("The four-phase segmentation is reliable: every check below passed."
                              + (f" Note: {an.phases_note}." if an.phases_note else ""), "ok"))
     else:
-        out.append(note_html(f"The four-phase segmentation is not reliable: {an.phases_note}.", "warn"))
+        missing = ", ".join(ev.get("missing") or []) or "see the note"
+        out.append(note_html(f"The four-phase segmentation is not reliable (missing: {missing}): "
+                             f"{an.phases_note}.", "warn"))
     out += [ctx.figure("layer_classes"), ctx.figure("language_heatmap"), ctx.figure("overlap")]
     phase_of = an.phase_of_layer()
     rows = [[layer, an.per_layer["specific"][layer], an.per_layer["related"][layer], an.per_layer["general"][layer],

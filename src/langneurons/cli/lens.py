@@ -1,0 +1,65 @@
+"""`langneurons lens RUN`: the logit lens on the run's held-out (else recording) corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import LangNeuronsError
+from .app import app
+
+
+def _corpus_path(run_dir: Path, manifest: dict, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    rec = manifest.get("record") if isinstance(manifest.get("record"), dict) else {}
+    for key in ("eval_corpus", "corpus"):
+        val = rec.get(key)
+        if isinstance(val, str) and val:
+            p = Path(val)
+            if not p.is_absolute() and (run_dir / p).exists():
+                p = run_dir / p
+            if p.exists():
+                return p
+    for name in ("eval_corpus.jsonl", "corpus.jsonl"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise LangNeuronsError("the run names no corpus for the lens; pass --corpus PATH (texts per language)")
+
+
+@app.command()
+def lens(run_dir: Path = typer.Argument(..., help="Run directory (its manifest names the model and corpus)."),
+         model: Optional[str] = typer.Option(None, help="Model (default: the run's)."),
+         corpus: Optional[Path] = typer.Option(None, help="Texts per language (default: the run's eval corpus)."),
+         max_docs: int = typer.Option(64, help="Documents per language."),
+         batch_size: int = typer.Option(8, help="Documents per forward pass."),
+         max_length: int = typer.Option(256, help="Tokens per document (truncated)."),
+         dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: the run's)."),
+         device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+         english: str = typer.Option("en", help="The language the others are compared with.")) -> None:
+    """Logit lens per layer and language; writes RUN_DIR/lens.parquet and prints the summary."""
+    from ..corpus import load_corpus
+    from ..lens import LensConfig, lens_summary, run_lens
+    from ..models import load_model
+    from ..runs import RunDir
+
+    if max_docs < 1 or batch_size < 1 or max_length < 2:
+        raise LangNeuronsError("--max-docs and --batch-size must be >= 1, --max-length >= 2")
+    run = RunDir(run_dir)
+    manifest = run.read_manifest()
+    model_info = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    name = model or model_info.get("model")
+    if not name:
+        raise LangNeuronsError("the run's manifest names no model; pass --model")
+    corp = load_corpus(_corpus_path(run.path, manifest, corpus), kind="auto")
+    texts = {lang: [ex.text or (ex.prompt or "") + (ex.response or "") for ex in exs][:max_docs]
+             for lang, exs in corp.by_lang.items()}
+    loaded = load_model(name, dtype=dtype or model_info.get("dtype") or "float32", device=device)
+    df = run_lens(run.path, loaded.model, loaded.tokenizer, texts,
+                  LensConfig(batch_size=batch_size, max_length=max_length, max_docs=max_docs, english=english))
+    for lang, s in lens_summary(df, english).items():
+        typer.echo(f"{lang:>6}: overtakes English at layer {s['overtakes_english']}, correct top-1 from layer "
+                   f"{s['correct_top1']}, final p(correct) {s['final_p_correct']:.3f} ({s['n_tokens']} tokens)")
+    typer.echo(f"wrote {run.path / 'lens.parquet'}")

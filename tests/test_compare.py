@@ -96,7 +96,9 @@ def make_run(root: Path, name: str, nmap: NeuronMap, *, scope="all", dtype="floa
     run.update_manifest({"languages": list(nmap.languages),
                          "model": {"model": name, "model_fingerprint": name, "dtype": dtype, "hook_point": hook,
                                    "num_layers": nmap.num_layers, "num_neurons": nmap.num_neurons},
-                         "record": {"scope": scope, "include_special": False}, **(extra or {})})
+                         "stages": {"record": {"key": "test", "inputs": {}, "outputs": {},
+                                               "result": {"scope": scope, "include_special": False}}},
+                         **(extra or {})})
     return run.path
 
 

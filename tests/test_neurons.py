@@ -184,3 +184,34 @@ def test_identify_neuron_map_save_load_round_trip(tmp_path):
     assert back.meta["lambda_trace"] == nmap.meta["lambda_trace"]
     assert back.meta["lambda_saturated"] is True and back.meta["tau"] == nmap.meta["tau"]
     assert os.listdir(tmp_path) == ["n.safetensors"]
+
+
+def test_imported_map_general_is_marked_unavailable_then_completed_from_stats():
+    """One meaning of general: active in all K languages among ALL neurons. A list file cannot
+    know the unselected ones, so the imported map says so; its run's stats complete it."""
+    from langneurons.identify import activation_probs, activation_threshold
+    from langneurons.neurons import GENERAL, RELATED, SPECIFIC, complete_general, from_lape
+    from langneurons.stats import ActivationStats, LanguageStats
+
+    K, L, N = 3, 2, 40
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(K, L, N, generator=g) * 0.3
+    probs[:, 0, :4] = 0.9  # four neurons busy in every language
+    probs[0, 1, 5] = 0.95  # language-specific
+    tokens = 1000
+    parts = [LanguageStats(lang, (probs[k] * tokens).round().to(torch.int64), tokens, None, {})
+             for k, lang in enumerate(["en", "de", "zh"])]
+    stats = ActivationStats.stack(parts)
+    lists = [[torch.tensor([0, 5]), torch.tensor([5])], [torch.tensor([0]), torch.tensor([], dtype=torch.int64)],
+             [torch.tensor([0]), torch.tensor([], dtype=torch.int64)]]
+    nmap = from_lape(lists, ["en", "de", "zh"], N)
+    assert nmap.meta["general_available"] is False
+    full = complete_general(nmap, stats, bar=0.9)
+    # the independent rule: p > τ in every language, τ as identify computes it
+    p = activation_probs(stats)
+    want_general = (p > activation_threshold(p, 0.9)).all(0)
+    assert full.meta["general_available"] is True
+    listed_spec_rel = (nmap.classes == SPECIFIC) | (nmap.classes == RELATED)
+    assert torch.equal(full.classes == GENERAL, want_general & ~listed_spec_rel)
+    assert bool(want_general[0, :4].all()) and bool(full.classes[0, 0] == GENERAL)
+    assert bool(full.classes[0, 5] == SPECIFIC)

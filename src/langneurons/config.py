@@ -173,7 +173,7 @@ class IdentifyConfig:
     def validate(self) -> "IdentifyConfig":
         from .identify import METHODS
 
-        require(self.method in METHODS, f"--method must be one of {', '.join(sorted(METHODS))}, got {self.method!r}")
+        require(self.method in METHODS, f"unknown --method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
         require(isinstance(self.top_rate, (int, float)) and 0 < self.top_rate <= 1,
                 f"--top-rate must be in (0, 1], got {self.top_rate}")
         require(isinstance(self.bar, (int, float)) and 0 < self.bar <= 1, f"--bar must be in (0, 1], got {self.bar}")

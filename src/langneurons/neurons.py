@@ -225,8 +225,13 @@ def from_lape(obj: Any, languages: Sequence[str], num_neurons: int,
     """Build a NeuronMap from the published list format ``List[K][L]`` of index tensors.
 
     A neuron's class comes from how many languages list it: 1 -> specific, 2..K-1 -> related,
-    K -> general; selected = listed anywhere. The files carry no τ, scores or unselected
-    neurons, so ``general`` here means "selected and listed for every language".
+    K -> general; selected = listed anywhere.
+
+    langneurons has ONE meaning of *general*: active (p > τ) in all K languages, among ALL
+    neurons (docs/identify.md). A list file carries no τ and no unselected neurons, so the
+    general class of an imported map is incomplete: the map's meta says
+    ``general_available: False``, and anatomy, compare and the report show general counts as
+    not available instead of a misleading 0. `complete_general` fills it from the run's stats.
     """
     languages = list(languages)
     num_languages = len(languages)
@@ -277,10 +282,35 @@ def from_lape(obj: Any, languages: Sequence[str], num_neurons: int,
         "method": "imported-lape", "params": {}, "tau": None, "lambda": None, "lambda_trace": [],
         "lambda_saturated": False, "appear": appear, "num_selected": int(selected.sum()),
         "num_unassigned": 0,
-        "note": "imported from a LAPE-format list: general = listed for all languages (selected only)",
+        "general_available": False,
+        "note": "imported from a LAPE-format list: general neurons among the unselected ones are unknown "
+                "(give --stats RUN to compute them)",
     }
     info.update(meta or {})
     return NeuronMap(languages, classes, active, selected, None, info)
+
+
+def complete_general(nmap: NeuronMap, stats: Any, bar: float = 0.95) -> NeuronMap:
+    """Make an imported map's general class mean what it means everywhere else: every neuron
+    (selected or not) active in all K languages of ``stats``, with τ from ``bar`` as `identify`
+    computes it. Specific/related classes of the listed neurons are kept."""
+    from .identify import activation_probs, activation_threshold
+
+    if list(stats.languages) != list(nmap.languages):
+        stats = stats.subset(nmap.languages)
+    if (stats.num_layers, stats.num_neurons) != (nmap.num_layers, nmap.num_neurons):
+        raise NeuronMapError(f"the stats are {stats.num_layers} x {stats.num_neurons} but the map is "
+                             f"{nmap.num_layers} x {nmap.num_neurons}; they are of different models")
+    probs = activation_probs(stats)
+    tau = activation_threshold(probs, bar)
+    all_active = (probs > tau).all(0)
+    classes = nmap.classes.clone()
+    classes[(classes == GENERAL) & ~all_active] = RELATED  # listed for every language, not active in all
+    classes[all_active & ~((classes == SPECIFIC) | (classes == RELATED))] = GENERAL
+    meta = dict(nmap.meta, general_available=True, tau=float(tau), params={**(nmap.meta.get("params") or {}), "bar": bar},
+                note="imported from a LAPE-format list; general = active in all languages among all neurons "
+                     "(from the run's stats)")
+    return NeuronMap(nmap.languages, classes, nmap.active, nmap.selected, nmap.scores, meta, dict(nmap.extras))
 
 
 def load_lape(path: str | Path, languages: Sequence[str], num_neurons: int,

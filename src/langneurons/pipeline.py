@@ -54,6 +54,8 @@ class RunConfig:
     pivot: str = "en"
     bootstrap: int = 1000  # resamples of evaluation documents for ΔNLL intervals (0: none)
     stability: int = 0  # bootstrap resamples of the identification (0: skip; `langneurons stability`)
+    lens_docs: int = 16  # held-out documents per language for the logit lens (0: skip the lens)
+    lens_max_length: int = 128
     skip_ablation: bool = False
     force: bool = False
     progress: bool = True
@@ -81,6 +83,8 @@ class RunConfig:
         require(self.max_eval_docs is None or self.max_eval_docs >= 1,
                 f"--max-eval-docs must be >= 1, got {self.max_eval_docs}")
         require(self.stability >= 0, f"--stability must be >= 0 (0: skip), got {self.stability}")
+        require(self.lens_docs >= 0, f"--lens-docs must be >= 0 (0: no logit lens), got {self.lens_docs}")
+        require(self.lens_max_length >= 2, f"--lens-max-length must be >= 2, got {self.lens_max_length}")
         require(self.langs is None or len(self.langs) >= 2, f"--langs needs at least 2 languages, got {self.langs}")
         ident = self.identify_config().validate()
         self.lam = ident.lam
@@ -139,6 +143,15 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
     echo(f"selected {summary['selected']} neurons: {summary['totals']}; tau={nmap.meta.get('tau')}, "
          f"lambda={nmap.meta.get('lambda')}")
     timer.run("anatomy", lambda: AnatomyStage(run, cfg.pivot, by="run").run_stage(force=cfg.force, echo=echo), echo)
+
+    if cfg.lens_docs:
+        from .lens import LensConfig
+        from .stages import LensStage, lens_texts
+
+        lens_cfg = LensConfig(batch_size=cfg.batch_size, max_length=cfg.lens_max_length, max_docs=cfg.lens_docs,
+                              english=cfg.pivot)
+        stage = LensStage(run, loaded, lens_texts(eval_corpus.by_lang, cfg.lens_docs), lens_cfg, by="run")
+        timer.run("lens", lambda: stage.run_stage(force=cfg.force, echo=echo), echo)
 
     if cfg.stability:
         from .confidence import run_stability

@@ -415,3 +415,45 @@ def merge_rows(old: Any, new: Any, neurons_sha256: str) -> Any:
     if not len(keep):
         return new.reset_index(drop=True)
     return pd.concat([keep, new], ignore_index=True)
+
+
+# -- logit lens --------------------------------------------------------------------------------
+def lens_texts(by_lang: Mapping[str, Sequence[Example]], max_docs: int | None) -> dict[str, list[str]]:
+    """The lens reads plain text: a pair is read as prompt + response."""
+    return {lang: [e.text or (e.prompt or "") + (e.response or "") for e in exs][:max_docs]
+            for lang, exs in by_lang.items()}
+
+
+class LensStage(Stage[Any]):
+    """lens.parquet: the logit lens per layer and language (lens.py) on parallel texts."""
+
+    name = "lens"
+
+    def __init__(self, run: RunDir | str | Path, loaded: Any, texts: Mapping[str, Sequence[str]], config: Any = None,
+                 *, by: str = ""):
+        from .lens import LensConfig
+
+        super().__init__(run, by=by)
+        self.loaded, self.texts, self.config = loaded, dict(texts), config or LensConfig()
+
+    def inputs(self) -> dict[str, Any]:
+        return {"model_fingerprint": getattr(self.loaded, "fingerprint", None),
+                "texts": input_key(self.texts), "config": asdict(self.config)}
+
+    def compute(self) -> Any:
+        from .lens import lens_metrics
+
+        return lens_metrics(self.loaded.model, self.loaded.tokenizer, self.texts, self.config)
+
+    def load(self) -> Any:
+        import pandas as pd
+
+        return pd.read_parquet(self.run.path / "lens.parquet")
+
+    def write(self, df: Any) -> tuple[list[Path], dict[str, Any]]:
+        from .lens import LENS_FILE, lens_summary
+
+        path = self.run.path / LENS_FILE
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+        return [path], {"file": path.name, "documents": {k: len(v) for k, v in self.texts.items()},
+                        "summary": lens_summary(df, self.config.english)}

@@ -45,6 +45,8 @@ def identify(
 
     cfg = IdentifyConfig(method=method, top_rate=top_rate, bar=bar, lam=lam, lam_range=lambda_range, eps=eps,
                          widen=widen, langs=split_list(langs, what="--langs")).validate()
+    if not stats_path.exists():
+        raise LangNeuronsError(f"{stats_path} does not exist; give a run directory written by `langneurons record`")
     run_dir = _run_dir_of(stats_path)
     if out is not None and _neurons_file(out).resolve() != (run_dir / "neurons.safetensors").resolve():
         # A map written elsewhere is not the run's identify stage: compute and save it only.
@@ -85,6 +87,9 @@ def import_neurons(
     num_neurons: int = typer.Option(..., "--num-neurons", help="Neurons per layer of the model."),
     model: str = typer.Option("", help="Model id to note in the metadata."),
     out: Path = typer.Option(..., help="Neuron map to write (a directory gets neurons.safetensors)."),
+    stats: Optional[Path] = typer.Option(None, help="Run directory with the model's stats: general neurons "
+                                         "(active in all languages, among ALL neurons) are computed from them."),
+    bar: float = typer.Option(0.95, help="τ for --stats, as in `identify`."),
 ) -> None:
     """Import a published neuron list (e.g. LAPE's *.neuron.pth) into a neuron map."""
     from ..identify import format_summary
@@ -94,6 +99,11 @@ def import_neurons(
     if not languages:
         raise LangNeuronsError("--langs must list the file's languages in order, e.g. en,zh,fr")
     nmap = load_lape(mask, languages, num_neurons, {"model": model or None})
+    if stats is not None:
+        from ..neurons import complete_general
+        from ..stats import ActivationStats
+
+        nmap = complete_general(nmap, ActivationStats.load(stats), bar)
     target = _neurons_file(out)
     nmap.save(target)
     typer.echo(format_summary(nmap))

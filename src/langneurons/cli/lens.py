@@ -11,21 +11,17 @@ from ..errors import LangNeuronsError
 from .app import app
 
 
-def _corpus_path(run_dir: Path, manifest: dict, given: Path | None) -> Path:
+def _corpus_path(run_dir: Path, given: Path | None) -> Path:
     if given is not None:
         return given
-    rec = manifest.get("record") if isinstance(manifest.get("record"), dict) else {}
-    for key in ("eval_corpus", "corpus"):
-        val = rec.get(key)
-        if isinstance(val, str) and val:
-            p = Path(val)
-            if not p.is_absolute() and (run_dir / p).exists():
-                p = run_dir / p
-            if p.exists():
-                return p
-    for name in ("eval_corpus.jsonl", "corpus.jsonl"):
-        if (run_dir / name).exists():
-            return run_dir / name
+    from ..runs import RunDir
+
+    run = RunDir(run_dir)
+    if run.eval_corpus_path.is_file():
+        return run.eval_corpus_path
+    source = run.stage_result("record").get("corpus")
+    if isinstance(source, str) and Path(source).exists():
+        return Path(source)
     raise LangNeuronsError("the run names no corpus for the lens; pass --corpus PATH (texts per language)")
 
 
@@ -40,25 +36,19 @@ def lens(run_dir: Path = typer.Argument(..., help="Run directory (its manifest n
          device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
          english: str = typer.Option("en", help="The language the others are compared with.")) -> None:
     """Logit lens per layer and language; writes RUN_DIR/lens.parquet and prints the summary."""
+    from ..config import ModelConfig
     from ..corpus import load_corpus
-    from ..lens import LensConfig, lens_summary, run_lens
-    from ..models import load_model
+    from ..lens import LensConfig, lens_summary
     from ..runs import RunDir
+    from ..stages import LensStage, lens_texts
 
     if max_docs < 1 or batch_size < 1 or max_length < 2:
         raise LangNeuronsError("--max-docs and --batch-size must be >= 1, --max-length >= 2")
     run = RunDir(run_dir)
-    manifest = run.read_manifest()
-    model_info = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    name = model or model_info.get("model")
-    if not name:
-        raise LangNeuronsError("the run's manifest names no model; pass --model")
-    corp = load_corpus(_corpus_path(run.path, manifest, corpus), kind="auto")
-    texts = {lang: [ex.text or (ex.prompt or "") + (ex.response or "") for ex in exs][:max_docs]
-             for lang, exs in corp.by_lang.items()}
-    loaded = load_model(name, dtype=dtype or model_info.get("dtype") or "float32", device=device)
-    df = run_lens(run.path, loaded.model, loaded.tokenizer, texts,
-                  LensConfig(batch_size=batch_size, max_length=max_length, max_docs=max_docs, english=english))
+    texts = lens_texts(load_corpus(_corpus_path(run.path, corpus), kind="auto").by_lang, max_docs)
+    loaded = ModelConfig(model=model, dtype=dtype, device=device).validate().load(run.read_manifest())
+    cfg = LensConfig(batch_size=batch_size, max_length=max_length, max_docs=max_docs, english=english)
+    df = LensStage(run, loaded, texts, cfg, by="lens").run_stage(echo=typer.echo)
     for lang, s in lens_summary(df, english).items():
         typer.echo(f"{lang:>6}: overtakes English at layer {s['overtakes_english']}, correct top-1 from layer "
                    f"{s['correct_top1']}, final p(correct) {s['final_p_correct']:.3f} ({s['n_tokens']} tokens)")

@@ -39,6 +39,8 @@ def run(
     pivot: str = typer.Option("en"),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of evaluation documents for ΔNLL intervals (0: none)."),
     stability: int = typer.Option(0, help="Bootstrap resamples of the identification (0: skip)."),
+    lens_docs: int = typer.Option(16, help="Held-out documents per language for the logit lens (0: skip it)."),
+    lens_max_length: int = typer.Option(128, help="Tokens per document read by the logit lens."),
     skip_ablation: bool = typer.Option(False, help="Stop after anatomy (no intervention matrix)."),
     force: bool = typer.Option(False, help="Redo every stage."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -53,6 +55,7 @@ def run(
                     batch_size=batch_size, max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs,
                     dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                     mlp_act_path=mlp_act_path, pivot=pivot, bootstrap=bootstrap, stability=stability,
+                    lens_docs=lens_docs, lens_max_length=lens_max_length,
                     skip_ablation=skip_ablation, force=force, progress=progress).validate()
     report = run_pipeline(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")

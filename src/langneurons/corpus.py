@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-from .errors import CorpusError
+from .errors import CorpusError, LangNeuronsError
 
 DocSep = Literal["line", "blank"]
 
@@ -149,17 +149,35 @@ def read_text_file(path: Path, lang: str, doc_sep: DocSep = "line") -> list[Exam
 
 
 #: what a language label must look like: a code such as en, zh-Hans, pt_BR or eng_Latn. It
-#: names the stats file of the language, and a value with spaces or another script is almost
-#: always a text column mapped onto the language column by mistake.
+#: names the stats file of the language (``stats/<lang>.safetensors``), so it must never hold a
+#: path separator, a dot, a space or another script; a value with spaces or another script is
+#: almost always a text column mapped onto the language column by mistake. ASCII only on
+#: purpose: ``[A-Za-z]`` does not match ``日`` (``str.isalpha`` would).
 LANG_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,34}")
 
 
+def is_lang_code(lang: object) -> bool:
+    """True when ``lang`` can safely name a language (and its files)."""
+    return isinstance(lang, str) and LANG_CODE.fullmatch(lang) is not None
+
+
+def check_language_name(lang: object, where: str, *, what: str = "language name",
+                        hint: str = "", error: type[LangNeuronsError] = CorpusError) -> str:
+    """THE validator of every language name that becomes a file name: corpus columns and file
+    names, stats metadata (``merge``, ``import``), anything `RunDir.stats_path` is called with.
+    Returns ``lang``; raises ``error`` (one line naming ``where``) otherwise."""
+    if is_lang_code(lang):
+        return lang  # type: ignore[return-value]
+    text = str(lang)
+    shown = text if len(text) <= 24 else text[:24] + "..."
+    raise error(f"{where}: {what} {shown!r} is not a language code (like en, zh-Hans or eng_Latn: ASCII "
+                f"letters, digits, '_' and '-', starting with a letter){hint}")
+
+
 def check_lang_code(lang: str, where: str, column: str = "lang") -> str:
-    if not LANG_CODE.fullmatch(lang):
-        shown = lang if len(lang) <= 24 else lang[:24] + "..."
-        raise CorpusError(f"{where}: {column!r} value {shown!r} is not a language code (like en, zh-Hans or "
-                          "eng_Latn); are the columns mixed up? map them with --lang-column/--text-column")
-    return lang
+    """A corpus column's language value (see `check_language_name`)."""
+    return check_language_name(lang, where, what=f"{column!r} value",
+                               hint="; are the columns mixed up? map them with --lang-column/--text-column")
 
 
 def _check_unicode(value: str, where: str, column: str) -> str:
@@ -281,6 +299,9 @@ def _corpus_files(p: Path) -> list[tuple[Path, str]]:
             out.append((f, f.stem))
         elif f.suffix == ".tsv":
             out.append((f, f.stem[len("mgsm_"):] if f.stem.startswith("mgsm_") else f.stem))
+    for f, lang in out:  # the file name is the language: the same rule as a JSONL 'lang' field
+        check_language_name(lang, str(f), what="file name's language",
+                            hint="; rename the file to <lang>.txt (or .jsonl, .dev, .devtest, mgsm_<lang>.tsv)")
     return out
 
 
@@ -329,6 +350,11 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
         if not files:
             raise CorpusError(f"{p} holds no <lang>.txt, <lang>.jsonl, FLORES-style <lang>.dev/.devtest or "
                               "mgsm_<lang>.tsv files")
+        available = list(dict.fromkeys(lang for _, lang in files))
+        unknown = [x for x in langs or () if x not in available]
+        if unknown:  # name every language of the directory, not only the requested ones found
+            raise CorpusError(f"languages {','.join(unknown)} are not in the corpus {p} "
+                              f"(it has: {','.join(available)})")
         for f, lang in files:
             if langs and lang not in langs:
                 continue

@@ -269,7 +269,7 @@ CASES = [
          2, "error:", ("not a tensor file langneurons can load safely",), never=("Traceback", "weights_only", "pwned")),
     Case("usage-unknown-option", lambda t, mp: ["run", "--bogus"], 2, "error:", ("--bogus",)),
     Case("usage-missing-argument", lambda t, mp: ["identify"], 2, "error:", ("STATS_OR_RUN_DIR",)),
-    Case("usage-bad-number", lambda t, mp: ["identify", "/x", "--top-rate", "abc"], 2, "error:", ("abc",)),
+    Case("usage-bad-number", lambda t, mp: ["identify", "/x", "--top-rate", "abc"], 2, "error:", ("--top-rate", "langneurons identify --help")),
     Case("langs-unknown-lists-available",
          lambda t, mp: _record(text_corpus(t / "c", {"en.txt": EN, "de.txt": DE, "zh.txt": "猫坐在垫子上。\n"}),
                                "--langs", "en,xx"),

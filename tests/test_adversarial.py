@@ -338,3 +338,47 @@ def test_probe_case(case: Case, tmp_path, monkeypatch, capsys, no_model):
 
 def test_catalogue_cases_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_sigint_exits_130_and_keeps_the_resume_state(tmp_path):
+    """Ctrl-C of a real `langneurons record` process: exit code 130 (so `record && identify`
+    stops), one `interrupted:` line, and the partial counts stay for the rerun to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny import SAMPLE_TEXTS, save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    words = [w for ts in SAMPLE_TEXTS.values() for t in ts for w in t.split()]
+    en = [" ".join(words[(7 * i) % len(words):][: 3 + i % 9]) or "x" for i in range(400)]
+    corpus = text_corpus(tmp_path / "c", {"de.txt": "\n".join(SAMPLE_TEXTS["de"]) + "\n", "en.txt": "\n".join(en) + "\n"})
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "langneurons", "record", "--model", str(model_dir), "--corpus", str(corpus),
+           "--out", str(run), "--batch-size", "1", "--flush-every", "1"]
+    partial = run / "stats" / ".partial" / "en.safetensors"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not partial.exists():
+            assert proc.poll() is None, "the run ended before its first flush"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    lines = message_lines(err)
+    assert lines and lines[-1].startswith("interrupted:"), lines[-3:]
+    assert [x for x in lines if not re.match(r"\s*(en|de):|INFO", x)] == [lines[-1]], lines
+    assert "Traceback" not in err
+    assert not (run / "stats" / "en.safetensors").exists(), "interrupted too late: en had finished"
+    assert partial.exists()

@@ -382,3 +382,33 @@ def test_sigint_exits_130_and_keeps_the_resume_state(tmp_path):
     assert "Traceback" not in err
     assert not (run / "stats" / "en.safetensors").exists(), "interrupted too late: en had finished"
     assert partial.exists()
+
+
+def test_failed_write_keeps_the_old_artifact_and_leaves_no_temporary(tmp_path):
+    """`atomic_write` turns OSError and SafetensorError (not an OSError) into one WriteError."""
+    from safetensors import SafetensorError
+
+    from langneurons.errors import LangNeuronsError, WriteError
+    from langneurons.io import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.json", "old\n")
+
+    def full_safetensors(p: Path) -> None:
+        p.write_bytes(b"par")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    def full_os(p: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for writer in (full_safetensors, full_os):
+        with pytest.raises(WriteError) as exc:
+            atomic_write(target, writer)
+        assert isinstance(exc.value, LangNeuronsError) and isinstance(exc.value, OSError)
+        assert exc.value.errno == errno.ENOSPC and exc.value.strerror == "No space left on device"
+        assert str(exc.value).startswith(f"cannot write {target} (No space left on device)")
+        assert target.read_text() == "old\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with pytest.raises(ValueError):  # a bug in the writer is not a disk problem: not converted
+        atomic_write(target, lambda p: (_ for _ in ()).throw(ValueError("bug")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

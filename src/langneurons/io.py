@@ -9,17 +9,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors import SafetensorError
+
+from .errors import WriteError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the temporary file onto ``path``."""
+    """Call ``write(tmp_path)`` and rename the temporary file onto ``path``.
+
+    Any failure to write (a full disk, a read-only directory; ``OSError`` or safetensors'
+    ``SafetensorError``) becomes one `WriteError` naming ``path``, after the temporary file is
+    removed: the old file, if any, is untouched and no half-written file is left.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
@@ -30,10 +43,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, WriteError):
+            raise
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(path, exc) from None
         raise
     return path
+
+
+def _write_error(path: Path, exc: BaseException) -> WriteError:
+    """The reason of a failed write in words: ``strerror`` of an OSError; for a SafetensorError
+    (its message embeds Rust's io::Error, e.g. ``IoError(Os { code: 28, kind: StorageFull,
+    message: "No space left on device" })``) the embedded message and code."""
+    if isinstance(exc, OSError):
+        return WriteError(path, exc.strerror or str(exc) or type(exc).__name__, exc.errno or 0)
+    text = str(exc)
+    found = re.search(r'message: "([^"]+)"', text)
+    code = re.search(r"code: (\d+)", text)
+    reason = found.group(1) if found else (" ".join(text.split()) or type(exc).__name__)
+    return WriteError(path, reason, int(code.group(1)) if code else 0)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

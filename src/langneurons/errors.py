@@ -41,3 +41,7 @@ class WriteError(LangNeuronsError, OSError):
     def __str__(self) -> str:
         return (f"cannot write {self.filename} ({self.strerror}); check free space and permissions "
                 "(nothing was written)")
+
+
+class ArtifactError(LangNeuronsError, ValueError):
+    """A run artifact (ablation.parquet, stability tables, ...) is unreadable, truncated or damaged."""

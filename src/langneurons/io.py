@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from safetensors import SafetensorError
 
-from .errors import WriteError
+from .errors import ArtifactError, WriteError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -88,3 +88,37 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def torch_load_tensors(path: str | os.PathLike, error: type[Exception]) -> Any:
+    """``torch.load(path, weights_only=True)`` of a published file, with one-line errors.
+
+    Only tensors, numbers, strings, lists and dicts are ever unpickled. A file holding other
+    Python objects is refused with a line saying so -- never torch's multi-line advice to pass
+    ``weights_only=False``, which would run whatever code the file carries.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise error(f"{path} is not a tensor file langneurons can load safely (it holds Python objects other "
+                    "than tensors, numbers, lists and dicts; such pickles are never loaded)") from None
+    except Exception as exc:  # truncated, not a torch file, unreadable
+        first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        raise error(f"cannot read {path} as a torch file ({first[:200]})") from None
+
+
+def read_parquet(path: str | os.PathLike, redo: str = "run the stage that writes it again") -> Any:
+    """``pandas.read_parquet`` of a run artifact; a truncated or damaged file is one
+    `ArtifactError` naming it (pyarrow's own errors are long and name no remedy)."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # ArrowInvalid, OSError, ValueError, ...: all mean "cannot use this file"
+        first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        first = first.replace(f"'{path}'", "").replace(str(path), "")
+        raise ArtifactError(f"{path} is unreadable or truncated ({first[:160].strip()}); delete it and {redo}") from None

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import NeuronMapError
-from .io import atomic_write
+from .io import atomic_write, torch_load_tensors
 
 CLASS_NAMES = ("none", "specific", "related", "general", "unassigned")
 CLASS_CODE = {name: code for code, name in enumerate(CLASS_NAMES)}
@@ -277,8 +277,5 @@ def load_lape(path: str | Path, languages: Sequence[str], num_neurons: int,
     path = Path(path)
     if not path.is_file():
         raise NeuronMapError(f"mask file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # arbitrary pickles are refused on purpose
-        raise NeuronMapError(f"cannot read {path} with torch.load(weights_only=True): {exc}") from None
+    obj = torch_load_tensors(path, NeuronMapError)  # arbitrary pickles are refused on purpose
     return from_lape(obj, languages, num_neurons, {"source_file": str(path), **(meta or {})})

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .corpus import check_language_name
 from .errors import StatsError
-from .io import atomic_write, sha256_file
+from .io import atomic_write, sha256_file, torch_load_tensors
 from .runs import RunDir
 
 #: metadata keys that must agree for two stats to be merged or stacked
@@ -546,22 +546,25 @@ def merge_runs(inputs: Sequence[str | Path], out: str | Path) -> ActivationStats
 
 # -- interop with the published formats ---------------------------------------------------
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickles of arbitrary objects are refused on purpose
-        raise StatsError(f"cannot read {path} with torch.load(weights_only=True): {exc}") from None
+    return torch_load_tensors(path, StatsError)  # pickles of arbitrary objects are refused on purpose
 
 
 def import_lape(files: dict[str, Path]) -> list[LanguageStats]:
-    """LAPE files ``{"n": int, "over_zero": [L, N]}``, one per language."""
+    """LAPE files ``{"n": int, "over_zero": [L, N]}``, one per language (n >= 1: the counted tokens)."""
     out = []
     for lang, f in files.items():
         check_language_name(lang, str(f), error=StatsError)
         obj = _torch_load(f)
         if not isinstance(obj, dict) or "n" not in obj or "over_zero" not in obj:
             raise StatsError(f"{f} is not a LAPE activation file (needs keys 'n' and 'over_zero')")
+        n = obj["n"]
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or int(n) < 1:
+            raise StatsError(f"{f}: 'n' (the number of counted tokens) is {n!r}, but must be a whole number >= 1 "
+                             f"(n = 0 would make every probability of {lang!r} 0/0); re-export the file")
         pos = torch.as_tensor(obj["over_zero"]).to(torch.int64)
-        out.append(LanguageStats(lang, pos, int(obj["n"]), None,
+        out.append(LanguageStats(lang, pos, int(n), None,
                                  {"source_format": "lape", "source_file": str(f), "scope": "all"}))
     return out
 

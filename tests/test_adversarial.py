@@ -412,3 +412,21 @@ def test_failed_write_keeps_the_old_artifact_and_leaves_no_temporary(tmp_path):
     with pytest.raises(ValueError):  # a bug in the writer is not a disk problem: not converted
         atomic_write(target, lambda p: (_ for _ in ()).throw(ValueError("bug")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+@pytest.mark.parametrize("method", ["lape", "entropy-lambda", "imported-lape"])
+def test_consistent_maps_of_every_kind_load(method, tmp_path):
+    """The invariant check refuses corrupted maps (catalogue above) but none that identify or the
+    LAPE importer writes: LAPE's +inf scores of excluded neurons, imported maps without scores."""
+    from langneurons.identify import identify
+    from langneurons.neurons import NeuronMap, from_lape, to_lape
+
+    stats = ActivationStats.load(synthetic_run(tmp_path / "run"))
+    nmap = identify(stats, method="lape" if method == "imported-lape" else method, top_rate=0.05,
+                    **({"lam": 0.1} if method == "entropy-lambda" else {}))
+    if method == "imported-lape":
+        nmap = from_lape(to_lape(nmap, "selected"), nmap.languages, N)
+    assert nmap.invariant_violation() is None
+    nmap.save(tmp_path / "m.safetensors")
+    loaded = NeuronMap.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded.classes, nmap.classes) and torch.equal(loaded.active, nmap.active)

@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .errors import LangNeuronsError, StatsError
-from .neurons import GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
+from .neurons import UNASSIGNED, NeuronMap, class_codes
 from .stats import ActivationStats
 
 __all__ = [
@@ -177,12 +177,7 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 def classify(selected: torch.Tensor, n_active: torch.Tensor, num_languages: int) -> torch.Tensor:
     """int8 [L, N] class codes (neurons.py): specific / related / general / unassigned / none."""
-    classes = torch.zeros(selected.shape, dtype=torch.int8)
-    classes[selected & (n_active == 1)] = SPECIFIC
-    classes[selected & (n_active >= 2) & (n_active <= num_languages - 1)] = RELATED
-    classes[selected & (n_active == 0)] = UNASSIGNED
-    classes[n_active == num_languages] = GENERAL  # any neuron, selected or not
-    return classes
+    return class_codes(selected, n_active, num_languages)
 
 
 def _check_stats(stats: ActivationStats) -> None:

@@ -11,7 +11,8 @@ Accepted inputs (`load_corpus`):
 * a directory holding ``text/`` and/or ``qa/`` subdirectories of the above (the embedded
   default corpus), chosen with ``kind``.
 
-Errors name the file and line (non-UTF-8 bytes, bad JSON, unknown column, empty language).
+Errors name the file and line (non-UTF-8 bytes, UTF-16 without or with a byte-order mark, NUL
+characters, bad JSON, unknown column, empty language, a language name that is not a code).
 """
 
 from __future__ import annotations
@@ -107,13 +108,56 @@ def _read_lines(path: Path) -> list[str]:
         data = path.read_bytes()
     except OSError as exc:
         raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    utf16 = _utf16_guess(data)
+    if utf16:
+        raise CorpusError(f"{path}:1: {utf16}, not UTF-8; re-encode the file as UTF-8 "
+                          f"(e.g. iconv -f {utf16.split()[0]} -t UTF-8)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                           "re-encode the file as UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        nul = text.count("\x00")
+        raise CorpusError(f"{path}:{line}: holds NUL characters ({nul:,} of {len(text):,} characters, "
+                          f"{nul / len(text):.1%}); a text file never does: is it binary or in another encoding? "
+                          "Remove them or re-encode the file as UTF-8")
     return split_lines(text)
+
+
+def _utf16_guess(data: bytes) -> str | None:
+    """'UTF-16LE with a byte-order mark' / 'UTF-16BE without ...' when ``data`` looks like UTF-16.
+
+    UTF-16 text of Latin-script languages is valid UTF-8 byte for byte (every other byte is
+    NUL), so decoding alone would count "H\0e\0l\0l\0o\0" as text. A BOM settles it; without
+    one, an even length and at least two NUL bytes, all at odd (LE) or all at even (BE) positions,
+    do: CJK text has few NULs (U+732B is 2B 73) but every line end and ASCII character has one.
+    NULs at both parities (a binary file) are left to the NUL check.
+    """
+    if data.startswith(b"\xff\xfe"):
+        return "UTF-16LE with a byte-order mark"
+    if data.startswith(b"\xfe\xff"):
+        return "UTF-16BE with a byte-order mark"
+    sample = data[:65536 * 2]
+    if len(data) % 2 or sample.count(0) < 2:
+        return None
+    z_even, z_odd = sample[0::2].count(0), sample[1::2].count(0)
+    if z_even == 0:  # NULs only at odd positions: "H\0i\0\n\0" (and 猫 "\n\0" line ends)
+        return "UTF-16LE without a byte-order mark"
+    if z_odd == 0:
+        return "UTF-16BE without a byte-order mark"
+    return None
+    even, odd = sample[0::2], sample[1::2]
+    z_even, z_odd = even.count(0) / len(even), odd.count(0) / len(odd)
+    lines = sample.count(b"\n")
+    # CJK text in UTF-16 has few NUL bytes (U+732B is 2B 73), but every newline is 0A 00 (LE) / 00 0A (BE)
+    if z_even <= 0.02 and (z_odd >= 0.3 or lines and even.count(b"\n") == 0 and sample.count(b"\n\x00") == lines):
+        return "UTF-16LE without a byte-order mark"
+    if z_odd <= 0.02 and (z_even >= 0.3 or lines and odd.count(b"\n") == 0 and sample.count(b"\x00\n") == lines):
+        return "UTF-16BE without a byte-order mark"
+    return None
 
 
 def split_lines(text: str) -> list[str]:
@@ -186,6 +230,10 @@ def _check_unicode(value: str, where: str, column: str) -> str:
     except UnicodeEncodeError as exc:  # JSON escapes such as "\ud800" decode to lone surrogates
         raise CorpusError(f"{where}: {column!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
                           f"{exc.start}); it is not valid Unicode text, fix the file") from None
+    if "\x00" in value:  # "\u0000" in JSON: text never holds NUL, a tokenizer would count it as text
+        nul = value.count("\x00")
+        raise CorpusError(f"{where}: {column!r} holds NUL characters ({nul} of {len(value)} characters, "
+                          f"{nul / len(value):.1%}, first at character {value.index(chr(0))}); remove them")
     return value
 
 

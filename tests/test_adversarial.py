@@ -430,3 +430,13 @@ def test_consistent_maps_of_every_kind_load(method, tmp_path):
     nmap.save(tmp_path / "m.safetensors")
     loaded = NeuronMap.load(tmp_path / "m.safetensors")
     assert torch.equal(loaded.classes, nmap.classes) and torch.equal(loaded.active, nmap.active)
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", "fail"), ("1", "fail"), ("", "skip"), ("false", "skip")])
+def test_skips_that_hide_checks_fail_on_ci(monkeypatch, ci, outcome):
+    from ci import skip_or_fail
+
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="Chromium is missing"):
+        skip_or_fail("Chromium is missing")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ci import skip_or_fail
 from tiny import make_tokenizer, save_tiny
 
 from langneurons.align import (
@@ -347,7 +348,7 @@ def test_self_translation_ranks_faithful_answer_first():
     try:
         lm = load_model("smollm2-135m", device="cpu")
     except ModelLoadError as exc:
-        pytest.skip(f"smollm2-135m not available: {exc}")
+        skip_or_fail(f"smollm2-135m not available: {exc}")
     cases = [
         ("Maria has 12 pencils and gives 5 away, so she has 12 - 5 = 7 pencils left.", "de",
          "Maria hat 12 Bleistifte und gibt 5 weg, also hat sie 12 - 5 = 7 Bleistifte übrig.",

@@ -96,3 +96,31 @@ def test_mgsm_tsv_directory(tmp_path):
     (tmp_path / "mgsm_fr.tsv").write_text("pas de tabulation\n", encoding="utf-8")
     with pytest.raises(CorpusError, match=r"mgsm_fr.tsv:1: expected 'question<TAB>answer'"):
         load_corpus(tmp_path, kind="qa")
+
+
+# -- UTF-16 and NUL characters are not text (issue 19, item 6) ---------------------------------
+@pytest.mark.parametrize("encoding,bom,expected", [
+    ("utf-16-le", b"", "UTF-16LE without a byte-order mark"),
+    ("utf-16-be", b"", "UTF-16BE without a byte-order mark"),
+    ("utf-16-le", b"\xff\xfe", "UTF-16LE with a byte-order mark"),
+    ("utf-16-be", b"\xfe\xff", "UTF-16BE with a byte-order mark"),
+])
+@pytest.mark.parametrize("text", ["The cat sat.\nA dog ran.\n", "猫坐在垫子上。\n我们去了市场。\n"])
+def test_utf16_files_are_refused_naming_the_encoding(tmp_path, encoding, bom, expected, text):
+    (tmp_path / "en.txt").write_text("fine\n", encoding="utf-8")
+    (tmp_path / "de.txt").write_bytes(bom + text.encode(encoding))
+    with pytest.raises(CorpusError) as exc:
+        load_corpus(tmp_path)
+    assert str(exc.value).startswith(f"{tmp_path / 'de.txt'}:1: {expected}, not UTF-8")
+
+
+def test_nul_characters_are_refused_with_line_and_share(tmp_path):
+    (tmp_path / "en.txt").write_bytes(b"one\ntwo\nth\x00r\x00e\n")
+    with pytest.raises(CorpusError) as exc:
+        load_corpus(tmp_path)
+    # 2 NULs among 15 characters (odd length: not UTF-16), the first on line 3
+    assert str(exc.value).startswith(f"{tmp_path / 'en.txt'}:3: holds NUL characters (2 of 15 characters, 13.3%)")
+    (tmp_path / "en.txt").write_bytes(b'{"text": "a\\u0000b"}\n')
+    (tmp_path / "en.txt").rename(tmp_path / "en.jsonl")
+    with pytest.raises(CorpusError, match=r"en.jsonl:1: 'text' holds NUL characters \(1 of 3 characters"):
+        load_corpus(tmp_path)

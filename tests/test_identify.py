@@ -788,3 +788,38 @@ def test_cli_bad_input_exit_2(run_dir, capsys, tmp_path, args, match):
     lines = [x for x in err.splitlines() if not x.startswith("warning:")]
     assert code == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+
+
+# -- the meaningful range of λ and non-finite scores (issue 19, item 5) -----------------------
+def _random_stats(seed: int = 0, K: int = 3, L: int = 4, N: int = 32) -> ActivationStats:
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 1000, (K, L, N), generator=g)
+    return ActivationStats([f"l{k}" for k in range(K)], pos, torch.full((K,), 1000), None, {})
+
+
+def test_lambda_outside_the_meaningful_range_is_refused():
+    from langneurons.identify import LAMBDA_LIMIT
+
+    stats = _random_stats()
+    EntropyLambda(top_rate=0.05, lam=LAMBDA_LIMIT).fit(stats)  # the limit itself is accepted
+    EntropyLambda(top_rate=0.05, lam=-LAMBDA_LIMIT).fit(stats)
+    for kwargs in ({"lam": 1e308}, {"lam": -1e40}, {"lam": LAMBDA_LIMIT * 1.001},
+                   {"lam_range": (0.0, 1e308)}, {"lam_range": (-2e3, 0.0)}, {"lam_max": 1e9}):
+        with pytest.raises(IdentifyError, match="meaningful") as exc:
+            EntropyLambda(top_rate=0.05, **kwargs).fit(stats)
+        assert "\n" not in str(exc.value)
+
+
+def test_non_finite_scores_are_an_error_not_a_selection(monkeypatch):
+    """Without the range check, λ = 1e308 overflows every score with max p > 0 to -inf; the tie
+    rule would then pick the first neurons of layer 0. The finite check must refuse that."""
+    import langneurons.identify as ident
+
+    monkeypatch.setattr(ident, "LAMBDA_LIMIT", math.inf)
+    with pytest.raises(IdentifyError, match="not finite at λ = 1e\\+308"):
+        EntropyLambda(top_rate=0.05, lam=1e308).fit(_random_stats())
+    scores = torch.zeros(2, 5)
+    scores[1, 3] = float("nan")
+    with pytest.raises(IdentifyError, match="1 selection scores are not finite .* layer 1, neuron 3"):
+        ident.check_finite_scores(scores, "test")
+    ident.check_finite_scores(torch.zeros(2, 5), "test")  # finite: no error

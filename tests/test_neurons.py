@@ -155,7 +155,7 @@ class _NotAllowed:
 def test_load_lape_refuses_pickles_and_missing_files(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save([[_NotAllowed()]], path)
-    with pytest.raises(NeuronMapError, match="weights_only"):
+    with pytest.raises(NeuronMapError, match="not a tensor file langneurons can load safely"):
         load_lape(path, ["en"], 3)
     with pytest.raises(NeuronMapError, match="does not exist"):
         load_lape(tmp_path / "nope.pt", ["en"], 3)

@@ -305,3 +305,51 @@ def test_activation_layout_is_checked(llama, tokenizer):
 def test_include_special_is_refused_in_response_scope(llama, tokenizer):
     with pytest.raises(LangNeuronsError, match="include-special"):
         Recorder(llama, tokenizer, RecordConfig(scope="response", include_special=True))
+
+
+# -- the response-scope boundary when a token straddles it (issue 19, item 10) -------------------
+#: prompt/response pairs joined by a separator where a token crosses the boundary: the tiny BPE
+#: merges "去了" across "" and "Ġwarm" across "war" | "men"; " " keeps every boundary clean.
+STRADDLE = {
+    "": [("我们早上去", "了市场。"), ("还剩下多少个", "苹果？"), ("Die Katze saß auf der war", "men Matte.")],
+    " ": [("What is two plus two?", "Two plus two is four."), ("Die Katze saß auf der", "warmen Matte.")],
+}
+
+
+def naive_response_counts(model, tokenizer, pairs, separator):
+    """The rule written out: tokenise prompt + separator + response, count a token iff its
+    character span starts at or after the response's first character (never a special token,
+    never an empty span); one sequence at a time through the full model with plain hooks."""
+    sites = locate_activations(model)
+    pos = torch.zeros(sites.num_layers, sites.num_neurons, dtype=torch.int64)
+    tokens = straddling = 0
+    for prompt, response in pairs:
+        start = len(prompt) + len(separator)
+        enc = tokenizer(prompt + separator + response, return_offsets_mapping=True, return_special_tokens_mask=True)
+        keep = torch.tensor([not s and b >= start and e > b
+                             for (b, e), s in zip(enc["offset_mapping"], enc["special_tokens_mask"])])
+        straddling += sum(b < start < e for b, e in enc["offset_mapping"])
+        acts = {}
+        handles = [m.register_forward_hook(lambda _m, _i, out, layer=layer: acts.__setitem__(layer, out[0]))
+                   for layer, m in enumerate(sites.modules)]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([enc["input_ids"]]))
+        for h in handles:
+            h.remove()
+        for layer in range(sites.num_layers):
+            pos[layer] += (acts[layer][keep] > 0).sum(0)
+        tokens += int(keep.sum())
+    return pos, tokens, straddling
+
+
+@pytest.mark.parametrize("separator", list(STRADDLE))
+def test_response_boundary_straddling_tokens_follow_the_naive_rule(llama, tokenizer, tmp_path, separator):
+    pairs = STRADDLE[separator]
+    corpus = Corpus({"xx": [Example("xx", prompt=p, response=r) for p, r in pairs]})
+    stats = record(llama, tokenizer, corpus, tmp_path, RecordConfig(scope="response", separator=separator,
+                                                                    batch_size=2), progress=False)
+    pos, tokens, straddling = naive_response_counts(llama, tokenizer, pairs, separator)
+    assert int(stats.tokens[0]) == tokens
+    assert torch.equal(stats.positive[0], pos)
+    if separator == "":
+        assert straddling >= 3  # the rule is exercised: counting these would change `tokens`

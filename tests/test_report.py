@@ -19,6 +19,7 @@ import torch
 from langneurons.neurons import GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
 from langneurons.runs import RunDir
 from langneurons.stats import ActivationStats
+from ci import skip_or_fail
 
 LANGS = ["en", "de", "zh", "ru"]
 FIGURES = ["layer_classes", "appear", "language_heatmap", "overlap", "example_neuron", "lambda_sweep"]
@@ -307,7 +308,7 @@ window.addEventListener('load', function () {
 def test_report_renders_in_headless_chromium(built, tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium); the browser check needs it")
+        skip_or_fail("Chromium is not installed (apt-get install chromium); the browser check needs it")
     d, path, _, _ = built
     probe_page = tmp_path / "probe.html"  # the report itself stays script-free
     probe_page.write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
@@ -344,7 +345,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
 
 def test_report_of_a_map_from_identify(tmp_path):
     """Integration with the real identification (its meta keys feed the λ figure and run table)."""
-    identify_mod = pytest.importorskip("langneurons.identify")
+    import langneurons.identify as identify_mod  # the project's own module: never a skip
     from langneurons.report import build_report
 
     stats, _ = make_run(tmp_path, L=12, N=48, ablation=False)

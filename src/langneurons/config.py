@@ -30,7 +30,8 @@ def split_list(value: str | None, *, what: str = "the list") -> list[str] | None
         return None
     items = [x.strip() for x in value.split(",") if x.strip()]
     if not items:
-        raise LangNeuronsError(f"{what} {value!r} names nothing; give a comma list such as en,zh")
+        raise LangNeuronsError(f"{what} {value!r} names nothing; give a comma list such as en,de "
+                               "(or leave the option out for all)")
     return items
 
 

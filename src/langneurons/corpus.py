@@ -11,7 +11,8 @@ Accepted inputs (`load_corpus`):
 * a directory holding ``text/`` and/or ``qa/`` subdirectories of the above (the embedded
   default corpus), chosen with ``kind``.
 
-Errors name the file and line (non-UTF-8 bytes, bad JSON, unknown column, empty language).
+Errors name the file and line (non-UTF-8 bytes, UTF-16 without or with a byte-order mark, NUL
+characters, bad JSON, unknown column, empty language, a language name that is not a code).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-from .errors import CorpusError
+from .errors import CorpusError, LangNeuronsError
 
 DocSep = Literal["line", "blank"]
 
@@ -107,13 +108,56 @@ def _read_lines(path: Path) -> list[str]:
         data = path.read_bytes()
     except OSError as exc:
         raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    utf16 = _utf16_guess(data)
+    if utf16:
+        raise CorpusError(f"{path}:1: {utf16}, not UTF-8; re-encode the file as UTF-8 "
+                          f"(e.g. iconv -f {utf16.split()[0]} -t UTF-8)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                           "re-encode the file as UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        nul = text.count("\x00")
+        raise CorpusError(f"{path}:{line}: holds NUL characters ({nul:,} of {len(text):,} characters, "
+                          f"{nul / len(text):.1%}); a text file never does: is it binary or in another encoding? "
+                          "Remove them or re-encode the file as UTF-8")
     return split_lines(text)
+
+
+def _utf16_guess(data: bytes) -> str | None:
+    """'UTF-16LE with a byte-order mark' / 'UTF-16BE without ...' when ``data`` looks like UTF-16.
+
+    UTF-16 text of Latin-script languages is valid UTF-8 byte for byte (every other byte is
+    NUL), so decoding alone would count "H\0e\0l\0l\0o\0" as text. A BOM settles it; without
+    one, an even length and at least two NUL bytes, all at odd (LE) or all at even (BE) positions,
+    do: CJK text has few NULs (U+732B is 2B 73) but every line end and ASCII character has one.
+    NULs at both parities (a binary file) are left to the NUL check.
+    """
+    if data.startswith(b"\xff\xfe"):
+        return "UTF-16LE with a byte-order mark"
+    if data.startswith(b"\xfe\xff"):
+        return "UTF-16BE with a byte-order mark"
+    sample = data[:65536 * 2]
+    if len(data) % 2 or sample.count(0) < 2:
+        return None
+    z_even, z_odd = sample[0::2].count(0), sample[1::2].count(0)
+    if z_even == 0:  # NULs only at odd positions: "H\0i\0\n\0" (and 猫 "\n\0" line ends)
+        return "UTF-16LE without a byte-order mark"
+    if z_odd == 0:
+        return "UTF-16BE without a byte-order mark"
+    return None
+    even, odd = sample[0::2], sample[1::2]
+    z_even, z_odd = even.count(0) / len(even), odd.count(0) / len(odd)
+    lines = sample.count(b"\n")
+    # CJK text in UTF-16 has few NUL bytes (U+732B is 2B 73), but every newline is 0A 00 (LE) / 00 0A (BE)
+    if z_even <= 0.02 and (z_odd >= 0.3 or lines and even.count(b"\n") == 0 and sample.count(b"\n\x00") == lines):
+        return "UTF-16LE without a byte-order mark"
+    if z_odd <= 0.02 and (z_even >= 0.3 or lines and odd.count(b"\n") == 0 and sample.count(b"\x00\n") == lines):
+        return "UTF-16BE without a byte-order mark"
+    return None
 
 
 def split_lines(text: str) -> list[str]:
@@ -149,17 +193,35 @@ def read_text_file(path: Path, lang: str, doc_sep: DocSep = "line") -> list[Exam
 
 
 #: what a language label must look like: a code such as en, zh-Hans, pt_BR or eng_Latn. It
-#: names the stats file of the language, and a value with spaces or another script is almost
-#: always a text column mapped onto the language column by mistake.
+#: names the stats file of the language (``stats/<lang>.safetensors``), so it must never hold a
+#: path separator, a dot, a space or another script; a value with spaces or another script is
+#: almost always a text column mapped onto the language column by mistake. ASCII only on
+#: purpose: ``[A-Za-z]`` does not match ``日`` (``str.isalpha`` would).
 LANG_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,34}")
 
 
+def is_lang_code(lang: object) -> bool:
+    """True when ``lang`` can safely name a language (and its files)."""
+    return isinstance(lang, str) and LANG_CODE.fullmatch(lang) is not None
+
+
+def check_language_name(lang: object, where: str, *, what: str = "language name",
+                        hint: str = "", error: type[LangNeuronsError] = CorpusError) -> str:
+    """THE validator of every language name that becomes a file name: corpus columns and file
+    names, stats metadata (``merge``, ``import``), anything `RunDir.stats_path` is called with.
+    Returns ``lang``; raises ``error`` (one line naming ``where``) otherwise."""
+    if is_lang_code(lang):
+        return lang  # type: ignore[return-value]
+    text = str(lang)
+    shown = text if len(text) <= 24 else text[:24] + "..."
+    raise error(f"{where}: {what} {shown!r} is not a language code (like en, zh-Hans or eng_Latn: ASCII "
+                f"letters, digits, '_' and '-', starting with a letter){hint}")
+
+
 def check_lang_code(lang: str, where: str, column: str = "lang") -> str:
-    if not LANG_CODE.fullmatch(lang):
-        shown = lang if len(lang) <= 24 else lang[:24] + "..."
-        raise CorpusError(f"{where}: {column!r} value {shown!r} is not a language code (like en, zh-Hans or "
-                          "eng_Latn); are the columns mixed up? map them with --lang-column/--text-column")
-    return lang
+    """A corpus column's language value (see `check_language_name`)."""
+    return check_language_name(lang, where, what=f"{column!r} value",
+                               hint="; are the columns mixed up? map them with --lang-column/--text-column")
 
 
 def _check_unicode(value: str, where: str, column: str) -> str:
@@ -168,6 +230,10 @@ def _check_unicode(value: str, where: str, column: str) -> str:
     except UnicodeEncodeError as exc:  # JSON escapes such as "\ud800" decode to lone surrogates
         raise CorpusError(f"{where}: {column!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
                           f"{exc.start}); it is not valid Unicode text, fix the file") from None
+    if "\x00" in value:  # "\u0000" in JSON: text never holds NUL, a tokenizer would count it as text
+        nul = value.count("\x00")
+        raise CorpusError(f"{where}: {column!r} holds NUL characters ({nul} of {len(value)} characters, "
+                          f"{nul / len(value):.1%}, first at character {value.index(chr(0))}); remove them")
     return value
 
 
@@ -281,6 +347,9 @@ def _corpus_files(p: Path) -> list[tuple[Path, str]]:
             out.append((f, f.stem))
         elif f.suffix == ".tsv":
             out.append((f, f.stem[len("mgsm_"):] if f.stem.startswith("mgsm_") else f.stem))
+    for f, lang in out:  # the file name is the language: the same rule as a JSONL 'lang' field
+        check_language_name(lang, str(f), what="file name's language",
+                            hint="; rename the file to <lang>.txt (or .jsonl, .dev, .devtest, mgsm_<lang>.tsv)")
     return out
 
 
@@ -329,6 +398,11 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
         if not files:
             raise CorpusError(f"{p} holds no <lang>.txt, <lang>.jsonl, FLORES-style <lang>.dev/.devtest or "
                               "mgsm_<lang>.tsv files")
+        available = list(dict.fromkeys(lang for _, lang in files))
+        unknown = [x for x in langs or () if x not in available]
+        if unknown:  # name every language of the directory, not only the requested ones found
+            raise CorpusError(f"languages {','.join(unknown)} are not in the corpus {p} "
+                              f"(it has: {','.join(available)})")
         for f, lang in files:
             if langs and lang not in langs:
                 continue

@@ -30,16 +30,23 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .errors import LangNeuronsError, StatsError
-from .neurons import GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
+from .neurons import UNASSIGNED, NeuronMap, class_codes
 from .stats import ActivationStats
 
 __all__ = [
     "IdentifyError", "LambdaSearchError", "Selector", "Lape", "EntropyLambda", "METHODS",
     "register_method", "identify", "activation_probs", "activation_threshold", "select_lowest",
-    "selection_size", "kth_smallest", "harmonic_norm", "lape_entropy", "normalized_entropy", "classify",
+    "selection_size", "kth_smallest", "check_finite_scores", "LAMBDA_LIMIT", "harmonic_norm", "lape_entropy", "normalized_entropy", "classify",
     "format_summary",
 ]
 
+#: |λ| above this is refused. The score is H/ln K (in [0, 1]) − λ·max_k p/c_K (1/c_K: 1.33 at
+#: K = 2, 3.4 at K = 10, 19 at K = 100), stored as float32: at |λ| = 1000 a score's float32 spacing
+#: is 1e-4..2e-3, so the entropy term still orders neurons; far beyond it the entropy vanishes
+#: below the float32 resolution (the selection is just "highest max p", ties cut by index) and
+#: near 1e38 the scores overflow to ±inf. Published range [0, 0.2]; the widened search stops at
+#: lam_max = 100. See docs/identify.md, "The range of λ".
+LAMBDA_LIMIT = 1000.0
 #: floor applied to the normalised distribution before the entropy (as the authors' code does)
 Q_FLOOR = 1e-12
 TIE_RULE = "lowest float32 score first; equal scores at the cut: lower flat index l*N+n (layer-major) first"
@@ -124,6 +131,18 @@ def select_lowest(scores: torch.Tensor, k: int, kth: torch.Tensor | None = None)
     return chosen.view(scores.shape)
 
 
+def check_finite_scores(scores: torch.Tensor, what: str) -> None:
+    """Refuse NaN/±inf scores: the tie rule would otherwise "select" the first neurons of layer 0
+    (equal -inf scores) and report them as language neurons."""
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        num_neurons = scores.shape[-1]
+        raise IdentifyError(f"{int(bad.sum())} selection scores are not finite at {what} (first: layer "
+                            f"{first // num_neurons}, neuron {first % num_neurons}); the stats or λ overflow float32, "
+                            f"keep |λ| <= {LAMBDA_LIMIT:g}")
+
+
 def harmonic_norm(num_languages: int) -> float:
     """c_K = (1/K)·Σ_{j=1..K} 1/j, summed in the published order."""
     return sum(1 / j for j in range(1, num_languages + 1)) / num_languages
@@ -158,12 +177,7 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 def classify(selected: torch.Tensor, n_active: torch.Tensor, num_languages: int) -> torch.Tensor:
     """int8 [L, N] class codes (neurons.py): specific / related / general / unassigned / none."""
-    classes = torch.zeros(selected.shape, dtype=torch.int8)
-    classes[selected & (n_active == 1)] = SPECIFIC
-    classes[selected & (n_active >= 2) & (n_active <= num_languages - 1)] = RELATED
-    classes[selected & (n_active == 0)] = UNASSIGNED
-    classes[n_active == num_languages] = GENERAL  # any neuron, selected or not
-    return classes
+    return class_codes(selected, n_active, num_languages)
 
 
 def _check_stats(stats: ActivationStats) -> None:
@@ -368,18 +382,26 @@ class EntropyLambda(Selector):
         if not self._is_auto():
             if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
                 raise IdentifyError(f"lam must be 'auto' or a finite number, got {self.lam!r}")
+            if abs(float(self.lam)) > LAMBDA_LIMIT:
+                raise IdentifyError(f"λ (--lambda) = {float(self.lam):g} is outside the meaningful range "
+                                    f"[-{LAMBDA_LIMIT:g}, {LAMBDA_LIMIT:g}]: beyond it the entropy no longer counts "
+                                    "in the float32 score (docs/identify.md, 'The range of λ')")
         try:
             lo, hi = (float(x) for x in self.lam_range)
         except (TypeError, ValueError):
             raise IdentifyError(f"lam_range must be two numbers (lo, hi), got {self.lam_range!r}") from None
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise IdentifyError(f"lam_range must satisfy lo < hi (finite), got {self.lam_range!r}")
+        if max(abs(lo), abs(hi)) > LAMBDA_LIMIT:
+            raise IdentifyError(f"λ range (--lambda-range) {lo:g},{hi:g} leaves the meaningful range "
+                                f"[-{LAMBDA_LIMIT:g}, {LAMBDA_LIMIT:g}] (docs/identify.md, 'The range of λ')")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise IdentifyError(f"eps must be > 0, got {self.eps!r}")
         if not (isinstance(self.max_widen, int) and self.max_widen >= 0):
             raise IdentifyError(f"max_widen must be an int >= 0, got {self.max_widen!r}")
-        if not (isinstance(self.lam_max, (int, float)) and self.lam_max >= hi):
-            raise IdentifyError(f"lam_max must be >= the range top {hi}, got {self.lam_max!r}")
+        if not (isinstance(self.lam_max, (int, float)) and hi <= self.lam_max <= LAMBDA_LIMIT):
+            raise IdentifyError(f"lam_max must be in [{hi:g}, {LAMBDA_LIMIT:g}] (the range top .. the meaningful "
+                                f"limit of λ), got {self.lam_max!r}")
 
     def _select(self, probs: torch.Tensor, n_active: torch.Tensor, k: int) -> None:
         num_languages = probs.shape[0]
@@ -392,6 +414,7 @@ class EntropyLambda(Selector):
         def evaluate(lam: float) -> _Evaluation:
             # published order: e − max_act·λ / norm_max, in float64, stored as float32
             scores = (entropy - max_prob * lam / norm).to(torch.float32)
+            check_finite_scores(scores, f"λ = {lam:g}")
             selected = select_lowest(scores, k)
             appear_k = int(torch.count_nonzero(selected.reshape(-1)[general_idx]))
             return _Evaluation(lam, selected, scores, appear_k)

@@ -15,6 +15,7 @@ elsewhere). Masks for interventions come from `NeuronMap.masks`.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import NeuronMapError
-from .io import atomic_write
+from .io import atomic_write, torch_load_tensors
 
 CLASS_NAMES = ("none", "specific", "related", "general", "unassigned")
 CLASS_CODE = {name: code for code, name in enumerate(CLASS_NAMES)}
@@ -33,6 +34,17 @@ NONE, SPECIFIC, RELATED, GENERAL, UNASSIGNED = range(5)
 
 #: one language's mask: for each layer, the sorted neuron indices
 LayerMask = list[torch.Tensor]
+
+
+def class_codes(selected: torch.Tensor, n_active: torch.Tensor, num_languages: int) -> torch.Tensor:
+    """int8 [L, N] class codes from the selection and the number of active languages: the class
+    rule of the module docstring (`identify.classify` is this function)."""
+    classes = torch.zeros(selected.shape, dtype=torch.int8)
+    classes[selected & (n_active == 1)] = SPECIFIC
+    classes[selected & (n_active >= 2) & (n_active <= num_languages - 1)] = RELATED
+    classes[selected & (n_active == 0)] = UNASSIGNED
+    classes[n_active == num_languages] = GENERAL  # any neuron, selected or not
+    return classes
 
 
 def parse_classes(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -159,8 +171,51 @@ class NeuronMap:
             raise NeuronMapError(f"{path}: metadata lists {len(languages)} languages but masks have "
                                  f"{tensors['active'].shape[0]}")
         extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(languages, tensors["classes"], tensors["active"], tensors["selected"], tensors.get("scores"),
-                   meta, extras)
+        out = cls(languages, tensors["classes"], tensors["active"], tensors["selected"], tensors.get("scores"),
+                  meta, extras)
+        problem = out.invariant_violation()
+        if problem:
+            raise NeuronMapError(f"neuron map {path} is damaged or was edited: {problem}; run `langneurons identify` "
+                                 "again")
+        return out
+
+    def invariant_violation(self) -> str | None:
+        """What is wrong with this map, or None: shapes and dtypes agree ([L, N], [K, L, N]),
+        class codes are known, every class follows from ``selected`` and the number of active
+        languages (the rule of the module docstring), ``active`` is set only for selected or
+        general neurons, and scores are never NaN or -inf (+inf: LAPE's excluded neurons, never
+        selected). A byte flip or a hand edit breaks one of these; a consistent map cannot."""
+        classes, active, selected, scores = self.classes, self.active, self.selected, self.scores
+        if classes.dim() != 2 or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+            return f"'classes' must be an integer [layers, neurons] tensor, got {classes.dtype} {tuple(classes.shape)}"
+        shape = tuple(classes.shape)
+        if selected.dtype != torch.bool or tuple(selected.shape) != shape:
+            return f"'selected' has shape {tuple(selected.shape)} ({selected.dtype}), expected {shape} (bool)"
+        if active.dtype != torch.bool or tuple(active.shape) != (self.K, *shape):
+            return f"'active' has shape {tuple(active.shape)} ({active.dtype}), expected {(self.K, *shape)} (bool)"
+        if len(set(self.languages)) != self.K or self.K < 1:
+            return f"languages {self.languages} are empty or repeated"
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= len(CLASS_NAMES)):
+            return f"class codes outside 0..{len(CLASS_NAMES) - 1} ({int(classes.min())}..{int(classes.max())})"
+        n_active = active.sum(0)
+        expected = class_codes(selected, n_active, self.K)
+        wrong = classes.to(torch.int8) != expected
+        if bool(wrong.any()):
+            layer, neuron = (int(x) for x in wrong.nonzero()[0])
+            return (f"{int(wrong.sum())} neuron(s) have a class that disagrees with 'selected' and 'active' (first: "
+                    f"layer {layer}, neuron {neuron}: stored {CLASS_NAMES[int(classes[layer, neuron])]}, the rule gives "
+                    f"{CLASS_NAMES[int(expected[layer, neuron])]})")
+        stray = active.any(0) & ~(selected | (n_active == self.K))
+        if bool(stray.any()):
+            return f"{int(stray.sum())} neuron(s) are neither selected nor general but have languages in 'active'"
+        if scores is not None:
+            if tuple(scores.shape) != shape or not scores.dtype.is_floating_point:
+                return f"'scores' has shape {tuple(scores.shape)} ({scores.dtype}), expected {shape} (float)"
+            if bool(torch.isnan(scores).any()) or bool((scores == -math.inf).any()):
+                return "'scores' contain NaN or -inf"
+            if bool((selected & (scores == math.inf)).any()):
+                return "'scores' are +inf for selected neurons"
+        return None
 
 
 def mask_to_indices(mask: torch.Tensor) -> LayerMask:
@@ -319,8 +374,5 @@ def load_lape(path: str | Path, languages: Sequence[str], num_neurons: int,
     path = Path(path)
     if not path.is_file():
         raise NeuronMapError(f"mask file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # arbitrary pickles are refused on purpose
-        raise NeuronMapError(f"cannot read {path} with torch.load(weights_only=True): {exc}") from None
+    obj = torch_load_tensors(path, NeuronMapError)  # arbitrary pickles are refused on purpose
     return from_lape(obj, languages, num_neurons, {"source_file": str(path), **(meta or {})})

@@ -37,8 +37,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .corpus import check_language_name
 from .errors import StatsError
-from .io import atomic_write, sha256_file
+from .io import atomic_write, sha256_file, torch_load_tensors
 from .runs import RunDir
 
 #: metadata keys that must agree for two stats to be merged or stacked
@@ -93,6 +94,9 @@ class LanguageStats:
         return self
 
     def save(self, path: str | Path) -> Path:
+        # The language names the file (`RunDir.stats_path`): refuse a name that is not a code
+        # before anything is written (a crafted '../../x' would write outside the run directory).
+        check_language_name(self.lang, f"stats of {str(self.lang)[:24]!r}", error=StatsError)
         tensors = {"positive": self.positive.to(torch.int64).contiguous().cpu(),
                    "tokens": torch.tensor(int(self.tokens), dtype=torch.int64)}
         if self.sums is not None:
@@ -148,7 +152,8 @@ class LanguageStats:
         if present and len(present) != len(BUCKET_TENSORS):
             raise StatsError(f"stats file {path} has only some of the bucket tensors ({', '.join(present)}); "
                              "delete it and record that language again")
-        lang = meta.get("lang", path.stem)
+        lang = check_language_name(meta.get("lang", path.stem), f"stats file {path}", what="language in the metadata",
+                                   hint="; the file is damaged or forged, do not use it", error=StatsError)
         out = cls(lang=lang, positive=tensors["positive"].to(torch.int64),
                   tokens=int(tensors["tokens"].item()), sums=tensors.get("sum"), meta=meta)
         if present:
@@ -405,6 +410,8 @@ def load_language_stats(path: str | Path, langs: Sequence[str] | None = None, *,
     order = list(langs) if langs else manifest.get("languages") or sorted(p.stem for p in stats_dir.glob("*.safetensors"))
     if not order:
         raise StatsError(f"no stats found under {stats_dir}; run `langneurons record` first")
+    for lang in order:  # manifest.json and --langs name files too
+        check_language_name(lang, str(run.manifest_path if not langs else stats_dir), error=StatsError)
     checksums = manifest.get("checksums", {})
     return [LanguageStats.load(stats_dir / f"{lang}.safetensors", checksums.get(f"stats/{lang}.safetensors"),
                                buckets=buckets)
@@ -539,21 +546,25 @@ def merge_runs(inputs: Sequence[str | Path], out: str | Path) -> ActivationStats
 
 # -- interop with the published formats ---------------------------------------------------
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickles of arbitrary objects are refused on purpose
-        raise StatsError(f"cannot read {path} with torch.load(weights_only=True): {exc}") from None
+    return torch_load_tensors(path, StatsError)  # pickles of arbitrary objects are refused on purpose
 
 
 def import_lape(files: dict[str, Path]) -> list[LanguageStats]:
-    """LAPE files ``{"n": int, "over_zero": [L, N]}``, one per language."""
+    """LAPE files ``{"n": int, "over_zero": [L, N]}``, one per language (n >= 1: the counted tokens)."""
     out = []
     for lang, f in files.items():
+        check_language_name(lang, str(f), error=StatsError)
         obj = _torch_load(f)
         if not isinstance(obj, dict) or "n" not in obj or "over_zero" not in obj:
             raise StatsError(f"{f} is not a LAPE activation file (needs keys 'n' and 'over_zero')")
+        n = obj["n"]
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or int(n) < 1:
+            raise StatsError(f"{f}: 'n' (the number of counted tokens) is {n!r}, but must be a whole number >= 1 "
+                             f"(n = 0 would make every probability of {lang!r} 0/0); re-export the file")
         pos = torch.as_tensor(obj["over_zero"]).to(torch.int64)
-        out.append(LanguageStats(lang, pos, int(obj["n"]), None,
+        out.append(LanguageStats(lang, pos, int(n), None,
                                  {"source_format": "lape", "source_file": str(f), "scope": "all"}))
     return out
 
@@ -570,6 +581,7 @@ def import_njunlp(files: dict[str, tuple[Path, Path | None]]) -> list[LanguageSt
     """
     out = []
     for lang, (full_f, prefix_f) in files.items():
+        check_language_name(lang, str(full_f), error=StatsError)
         full = _torch_load(full_f)
         for f, obj in ((full_f, full),):
             if not isinstance(obj, dict) or "total_tokens" not in obj or "over_zero" not in obj:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import LangNeuronsError
+
 app = typer.Typer(
     name="langneurons",
     help="Find, classify and test the language neurons of Hugging Face causal language models.",

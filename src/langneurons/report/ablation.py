@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io import read_parquet
 from ..runs import RunDir
 from .figures import DPI, save_figure
 from .sections import esc, figure_html, note_html, table_html
@@ -245,7 +246,7 @@ def render_section(run_dir: str | Path, *, standalone: bool = False) -> str:
     run = RunDir(run_dir)
     if not run.ablation_path.exists():
         return ""
-    df = pd.read_parquet(run.ablation_path)
+    df = read_parquet(run.ablation_path, "run `langneurons ablate` again")
     pngs = _current_pngs(df, run)
     if pngs is None:  # missing or older than ablation.parquet: draw them again
         pngs = {p.stem: p for p in heatmaps(df, run.figures_dir) if p.suffix == ".png"}

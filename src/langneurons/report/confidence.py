@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io import read_parquet
 from ..runs import RunDir
 from .figures import COLORS, DPI, save_figure
 from .sections import esc, figure_html, note_html, register_section, sections, table_html
@@ -170,9 +171,7 @@ def plot_interval_heatmap(cells: Any, neuron_set: str, vmax: float) -> Any:
 
 # -- the section -----------------------------------------------------------------------------------
 def _read(path: Path) -> Any:
-    import pandas as pd
-
-    return pd.read_parquet(path) if path.is_file() else None
+    return read_parquet(path, "run the stability/null command again") if path.is_file() else None
 
 
 def _f(x: Any, digits: int = 3) -> Any:

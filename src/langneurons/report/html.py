@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import LangNeuronsError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_parquet
 from ..runs import RunDir
 from .figures import FigureResult, phase_evidence_html, saturation_text, short_model, write_figures
 from .sections import esc, figure_html, note_html, register_section, sections, table_html
@@ -197,9 +197,7 @@ def _section_anatomy(run_dir: Path, ctx: ReportContext) -> str | None:
 
 def _ablation_tables(path: Path, max_tables: int = 12) -> str:
     """Plain tables of ablation.parquet (used when report.ablation offers no section)."""
-    import pandas as pd
-
-    df = pd.read_parquet(path)
+    df = read_parquet(path, "run `langneurons ablate` again")
     need = {"deactivated_lang", "eval_lang", "neuron_set", "metric", "delta"}
     if not need <= set(df.columns):
         return note_html(f"{path.name} lacks columns {sorted(need - set(df.columns))}; cannot show it.", "warn")
@@ -235,6 +233,8 @@ def _section_interventions(run_dir: Path, ctx: ReportContext) -> str | None:
             fragment = render(run_dir)
             if fragment:
                 return fragment
+        except LangNeuronsError:  # a damaged artifact is the user's to fix, not a rendering failure
+            raise
         except Exception as exc:  # a broken plug-in must not lose the rest of the report
             log.warning("report.ablation.render_section failed (%s); showing plain tables", exc)
             return note_html(f"The interventions view failed ({exc}); plain tables instead.", "warn") + \
@@ -290,6 +290,8 @@ details{margin:.8rem 0} summary{cursor:pointer;color:#0060a0}
 def _render(section: Any, run_dir: Path, ctx: ReportContext) -> str | None:
     try:
         frag = section.render(run_dir, ctx) if section.takes_context else section.render(run_dir)
+    except LangNeuronsError:  # damaged input (e.g. a truncated ablation.parquet): one error line, no report
+        raise
     except Exception as exc:  # noqa: BLE001 - show, do not crash the whole report
         log.warning("report section %s failed: %s", section.name, exc)
         frag = note_html(f"This section could not be rendered: {type(exc).__name__}: {exc}", "error")

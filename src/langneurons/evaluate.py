@@ -52,8 +52,8 @@ from torch import nn
 
 from .arch import locate_activations
 from .corpus import Example
-from .errors import CorpusError, LangNeuronsError
-from .intervene import deactivate, mask_key, random_control
+from .errors import CorpusError, LangNeuronsError, NeuronMapError
+from .intervene import deactivate, mask_key, matched_control, random_control
 from .io import atomic_write_text
 from .record import RecordConfig, encode_example
 
@@ -240,14 +240,19 @@ class _Job:
     lang: str  # deactivated language
     seed: int | None
     mask: torch.Tensor  # bool [L, N]
+    control: str | None = None  # "matched" | "layer" for control rows, None for real sets
 
     @property
     def key(self) -> bytes:
         return mask_key(self.mask)
 
 
+CONTROLS = ("matched", "layer")
+
+
 def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], control: str | None,
-               control_seeds: Sequence[int]) -> list[_Job]:
+               control_seeds: Sequence[int], activity: torch.Tensor | None = None, control_bins: int = 20,
+               match_info: list[dict] | None = None) -> list[_Job]:
     from .neurons import parse_classes
 
     jobs: list[_Job] = []
@@ -257,10 +262,30 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
         for lang in langs:
             real = nmap.language_mask(lang, classes)
             jobs.append(_Job(name, lang, None, real))
-            if control == "random":
-                for seed in control_seeds:
-                    rand = random_control(real, control_seed(seed, lang, name), exclude=real, strict=False)
-                    jobs.append(_Job(f"random:{name}", lang, int(seed), rand))
+            if control is None:
+                continue
+            for seed in control_seeds:
+                cseed = control_seed(seed, lang, name)
+                if control == "layer":
+                    rand = random_control(real, cseed, exclude=real, strict=False)
+                else:
+                    info: dict[str, Any] = {}
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # re-said below with the language and set
+                        rand = matched_control(real, activity, cseed, exclude=real,  # type: ignore[arg-type]
+                                               bins=control_bins, info=info)
+                    if info["shortfall"]:
+                        short = sum(x["needed"] - x["available"] for x in info["shortfall"])
+                        first = info["shortfall"][0]
+                        warnings.warn(f"matched control of {lang} {name} (seed {seed}): {short} neuron(s) could "
+                                      f"not be drawn from their activity stratum ({len(info['shortfall'])} strata "
+                                      f"too small, e.g. layer {first['layer']} needs {first['needed']}, has "
+                                      f"{first['available']}); the nearest-activity neurons of the layer stand in "
+                                      "(see stats['control_match'])", stacklevel=3)
+                    if match_info is not None:
+                        match_info.append({"neuron_set": name, "deactivated_lang": lang, "seed": int(seed),
+                                           "n_neurons": int(real.sum()), **info})
+                jobs.append(_Job(f"random:{name}", lang, int(seed), rand, control))
     return jobs
 
 
@@ -274,12 +299,37 @@ def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     return unique
 
 
-def _check_control(control: str | None) -> str | None:
+def _check_control(control: str | None, activity: torch.Tensor | None = None,
+                   shape: tuple[int, int] | None = None) -> str | None:
+    """Normalise the control kind: "matched" (activity-matched, needs ``activity``), "layer"
+    (per-layer counts only; "random" is its old name), or None ("none", "")."""
     if control in (None, "none", ""):
         return None
-    if control != "random":
-        raise LangNeuronsError(f"--control must be 'random' or 'none', got {control!r}")
+    if control == "random":
+        control = "layer"
+    if control not in CONTROLS:
+        raise LangNeuronsError(f"--control must be matched, layer or none, got {control!r}")
+    if control == "matched":
+        if activity is None:
+            raise LangNeuronsError("control='matched' needs the neurons' activity [layers, neurons] "
+                                   "(activity_from_probs(stats.probs())); or use control='layer'")
+        if shape is not None and tuple(torch.as_tensor(activity).shape) != tuple(shape):
+            raise NeuronMapError(f"the activity is {list(torch.as_tensor(activity).shape)} but the model has "
+                                 f"{shape[0]} layers x {shape[1]} neurons; it was recorded on another model")
     return control
+
+
+def plan_passes(nmap: Any, *, langs: Sequence[str] | None = None, neuron_sets: Sequence[str] = DEFAULT_SETS,
+                control: str | None = "matched", control_seeds: Sequence[int] = (0, 1, 2),
+                activity: torch.Tensor | None = None, control_bins: int = 20) -> int:
+    """The number of forward passes over the pooled held-out corpus that `ablation_matrix` will
+    run with these settings: 1 baseline + one per distinct non-empty mask (cheap: no model)."""
+    control = _check_control(control, activity)
+    langs = list(langs) if langs else list(nmap.languages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
+    return 1 + len(_distinct_masks(jobs))
 
 
 def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int = 0) -> tuple[float, float]:
@@ -306,12 +356,13 @@ def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int
 
 
 def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Mapping[str, Sequence[Example | str]],
-                    *, neuron_sets: Sequence[str] = DEFAULT_SETS, control: str | None = "random",
+                    *, neuron_sets: Sequence[str] = DEFAULT_SETS, control: str | None = "matched",
                     control_seeds: Sequence[int] = (0, 1, 2), metrics: Sequence[str] = METRICS,
                     batch_size: int = 8, progress: bool = True, langs: Sequence[str] | None = None,
                     scope: str = "auto", max_length: int | None = None, mode: str = "zero", factor: float = 0.0,
                     act_path: str | None = None, bootstrap: int = 0, separator: str = "\n",
-                    stats: dict[str, Any] | None = None) -> "Any":
+                    stats: dict[str, Any] | None = None, activity: torch.Tensor | None = None,
+                    control_bins: int = 20, documents: list[dict] | None = None) -> "Any":
     """The K x K intervention matrix in the ``ablation.parquet`` schema.
 
     Rows of the result: one per (deactivated language k, eval language j, neuron set, metric
@@ -319,15 +370,29 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     eval language for every DISTINCT non-empty mask: a set that is empty for k reuses the baseline
     (an empty mask is exactly the unpatched model), and identical masks (e.g. "specific" and
     "specific,related" when k has no related neurons) run once. ``stats`` (optional dict) receives
-    ``passes``, ``reused`` and ``seconds``.
+    ``passes``, ``reused``, ``seconds``, ``control`` and, for the matched control, ``control_match``
+    (per set, language and seed: mean activity of the real set and of the control, and any stratum
+    that was too small).
+
+    Controls (``control=``): ``"matched"`` (default) draws, per layer and activity stratum, as many
+    random neurons as the real set has there (`intervene.matched_control`; ``activity`` is the
+    [L, N] tensor of `intervene.activity_from_probs(stats.probs())`, ``control_bins`` the number
+    of quantile strata per layer); ``"layer"`` (old name ``"random"``) matches only the per-layer
+    counts; None runs no control. Control rows are named ``random:<set>`` and carry the kind in
+    the ``control`` column.
+
+    ``documents`` (optional list) receives one dict per (mask, evaluation document): neuron_set
+    ("none" for the unpatched baseline), deactivated_lang, seed, control, eval_lang, doc, nll
+    (summed nats), tokens, bytes -- what `confidence.ablation_intervals` resamples (written by the
+    pipeline as ``ablation_docs.parquet``).
     """
     metrics = [m for m in metrics if m != "accuracy"]
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise LangNeuronsError(f"unknown metric(s) {bad}; use nll, ppl, bpb (accuracy: accuracy_matrix)")
-    control = _check_control(control)
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
+    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     missing = [x for x in langs if x not in nmap.languages]
     if missing:
@@ -348,7 +413,8 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         docs[j] = [encode_for_eval(tokenizer, e, scopes[j], limit, separator) for e in examples]
         _warn_skipped(docs[j], scopes[j], f"{j}: ")
 
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
+    match_info: list[dict] = []
+    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
     unique = _distinct_masks(jobs)
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -406,16 +472,36 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                     lo, hi = _bootstrap(base, abl, m, bootstrap)
                 rows.append({"deactivated_lang": job.lang, "eval_lang": j, "neuron_set": job.neuron_set, "metric": m,
                              "base": b, "ablated": a, "delta": a - b, "n_tokens": base.n_tokens,
-                             "seed": job.seed, "n_neurons": n_neurons, "ci_low": lo, "ci_high": hi})
+                             "seed": job.seed, "n_neurons": n_neurons, "ci_low": lo, "ci_high": hi,
+                             "n_docs": base.n_docs, "n_resamples": int(bootstrap) if n_neurons else 0,
+                             "control": job.control})
+    if documents is not None:
+        def add_docs(res: EvalResult, j: str, job: _Job | None) -> None:
+            for d, (nll, tok, nb) in enumerate(zip(res.doc_nll, res.doc_tokens, res.doc_bytes)):
+                if tok > 0:
+                    documents.append({"neuron_set": "none" if job is None else job.neuron_set,
+                                      "deactivated_lang": None if job is None else job.lang,
+                                      "seed": None if job is None else job.seed,
+                                      "control": None if job is None else job.control, "eval_lang": j, "doc": d,
+                                      "nll": nll, "tokens": tok, "bytes": nb})
+        for j in eval_corpus:
+            add_docs(results[(None, j)], j, None)
+        for job in jobs:
+            key = job.key if job.mask.any() else None
+            for j in eval_corpus:
+                add_docs(results[(key, j)], j, job)
     if stats is not None:
         stats.update(passes=1 + len(unique), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3),
-                     scope={j: s for j, s in scopes.items()})
+                     scope={j: s for j, s in scopes.items()}, control=control or "none")
+        if control == "matched":
+            stats["control_match"] = match_info
+            stats["control_bins"] = control_bins
     return _frame(rows)
 
 
 COLUMNS = ["deactivated_lang", "eval_lang", "neuron_set", "metric", "base", "ablated", "delta", "n_tokens",
-           "seed", "n_neurons", "ci_low", "ci_high"]
+           "seed", "n_neurons", "ci_low", "ci_high", "n_docs", "n_resamples", "control"]
 
 
 def _frame(rows: list[dict]) -> Any:
@@ -423,6 +509,9 @@ def _frame(rows: list[dict]) -> Any:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
+    for c in ("n_docs", "n_resamples"):
+        df[c] = df[c].fillna(0).astype("int64")
+    df["control"] = df["control"].astype("object")
     df["n_tokens"] = df["n_tokens"].astype("int64")
     df["n_neurons"] = df["n_neurons"].astype("int64")
     for c in ("base", "ablated", "delta", "ci_low", "ci_high"):
@@ -748,19 +837,22 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
                     progress: bool = True, langs: Sequence[str] | None = None, chat: bool | None = None,
                     prompt_template: str = "{question}", detect_languages: Sequence[str] | None = None,
                     act_path: str | None = None, generations: list[dict] | None = None,
-                    positions: str = "all", stats: dict[str, Any] | None = None) -> Any:
+                    positions: str = "all", stats: dict[str, Any] | None = None,
+                    activity: torch.Tensor | None = None, control_bins: int = 20) -> Any:
     """MGSM-style accuracy matrix: greedy generation with language k's neurons zeroed (all
     positions, or only the new tokens with ``positions="generated"``) for every eval language j,
     scored with `score_math`. Metrics: ``accuracy``
     (number right AND in j's language), ``number_accuracy``, ``language_accuracy``; n_tokens holds
-    the number of problems. ``generations`` (a list) receives one JSONL row per generation."""
-    control = _check_control(control)
+    the number of problems. ``generations`` (a list) receives one JSONL row per generation.
+    ``control``/``activity``/``control_bins`` as in `ablation_matrix` (no control by default:
+    generation is expensive)."""
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
+    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     det_langs = tuple(sorted(set(detect_languages or DEFAULT_DETECT_LANGUAGES) | set(map(_primary, math_corpus))))
     language_detector(det_langs)  # fail early on languages lingua does not know
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
+    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
     unique = _distinct_masks(jobs)
     from tqdm.auto import tqdm
 
@@ -812,7 +904,8 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
                 rows.append({"deactivated_lang": job.lang, "eval_lang": j, "neuron_set": job.neuron_set,
                              "metric": metric, "base": b, "ablated": a, "delta": a - b, "n_tokens": len(base),
                              "seed": job.seed, "n_neurons": n_neurons, "ci_low": float("nan"),
-                             "ci_high": float("nan")})
+                             "ci_high": float("nan"), "n_docs": len(base), "n_resamples": 0,
+                             "control": job.control})
     if stats is not None:
         stats.update(generation_cells=len(math_corpus) * (1 + len(unique)), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3))

@@ -440,3 +440,117 @@ def test_report_section(tmp_path):
     assert "for 1 of 3 languages (not for de, zh)" in html
     assert render_section(run.path, standalone=True).startswith('<section id="section-interventions">')
     assert langs[0] in html
+
+
+# -- busy neurons vs language neurons: the control decides --------------------------------------
+BUSY = torch.arange(40, 64)  # layer-0 neurons that fire on every token and help every language
+BUSY_SET = BUSY[:8]  # the "language set" that is really just busy
+
+
+@pytest.fixture(scope="module")
+def busy_model(tmp_path_factory):
+    """Tiny llama (128 neurons per layer) with two planted groups in layer 0:
+
+    * neurons 0..7 fire only on Russian-only tokens (embedding coordinate 0 = +3 there, -3
+      elsewhere) and raise the logits of exactly those tokens (coordinate 1 -> LM head);
+    * neurons 40..63 fire on EVERY token (coordinate 2 = +3 for all tokens) and raise the logits
+      of every token seen in either language (coordinate 3 -> LM head): language-neutral, busy
+      and important for both languages.
+
+    The map calls 0..7 Russian and 40..47 "English". Activity comes from really recording the
+    texts (stats.probs()), as in a run."""
+    from langneurons.corpus import Corpus
+    from langneurons.intervene import activity_from_probs
+    from langneurons.record import RecordConfig, record
+
+    tok = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tok), inter=128)
+    ru_only = sorted(_token_ids(tok, "ru") - _token_ids(tok, "en"))
+    seen = sorted(_token_ids(tok, "ru") | _token_ids(tok, "en"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, 0] = -3.0
+        emb[ru_only, 0] = 3.0
+        emb[:, 2] = 3.0
+        model.model.layers[0].self_attn.v_proj.weight[:, [0, 2]] = 0  # planted coordinates reach only the MLP
+        mlp = model.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[:, [0, 2]] = 0  # no other neuron reads the planted coordinates...
+        mlp.down_proj.weight[[1, 3], :] = 0  # ...or writes the read-out coordinates
+        for group, coord in ((PLANTED, 0), (BUSY, 2)):
+            mlp.gate_proj.weight[group] = 0
+            mlp.gate_proj.weight[group, coord] = 4.0
+            mlp.up_proj.weight[group] = 0
+            mlp.up_proj.weight[group, coord] = 1.0
+            mlp.down_proj.weight[:, group] = 0
+        mlp.down_proj.weight[1, PLANTED] = 0.05
+        mlp.down_proj.weight[3, BUSY] = 0.02 * (1 + 0.3 * torch.rand(len(BUSY), generator=gen))
+        model.lm_head.weight[:, [1, 3]] = 0
+        model.lm_head.weight[ru_only, 1] = 1.0
+        model.lm_head.weight[seen, 3] = 1.0
+    L, N = 2, 128
+    classes = torch.zeros(L, N, dtype=torch.int8)
+    active = torch.zeros(2, L, N, dtype=torch.bool)
+    classes[0, PLANTED] = SPECIFIC
+    active[0, 0, PLANTED] = True
+    classes[0, BUSY_SET] = SPECIFIC
+    active[1, 0, BUSY_SET] = True
+    nmap = NeuronMap(["ru", "en"], classes, active, classes > 0)
+    corpus = Corpus({k: [Example(k, text=t) for t in SAMPLE_TEXTS[k]] for k in ("ru", "en")}, "planted")
+    stats = record(model, tok, corpus, tmp_path_factory.mktemp("busy"), RecordConfig(), progress=False)
+    return model, tok, nmap, activity_from_probs(stats.probs())
+
+
+def _own(df, kind_set: str, lang: str) -> float:
+    sub = df[(df.metric == "nll") & (df.neuron_set == kind_set) & (df.deactivated_lang == lang) & (df.eval_lang == lang)]
+    return float(sub.delta.mean())
+
+
+def test_matched_control_separates_busy_from_language_neurons(busy_model):
+    model, tok, nmap, activity = busy_model
+    # the recorded activity shows the set-up: busy neurons always fire, the Russian ones on Russian
+    assert (activity[0, BUSY] == 1.0).all()
+    assert (activity[0, PLANTED] > 0.8).all() and activity[0, 64:].mean() < 0.8
+    corpus = {k: SAMPLE_TEXTS[k] for k in ("ru", "en")}
+    kw = dict(neuron_sets=("specific",), control_seeds=(0, 1, 2, 3), metrics=("nll",), progress=False,
+              activity=activity)
+    layer = ablation_matrix(model, tok, nmap, corpus, control="layer", **kw)
+    stats: dict = {}
+    with pytest.warns(UserWarning, match=r"matched control of ru specific.*could not be drawn"):
+        matched = ablation_matrix(model, tok, nmap, corpus, control="matched", stats=stats, **kw)
+    assert set(layer[layer.neuron_set == "random:specific"].control) == {"layer"}
+    assert set(matched[matched.neuron_set == "random:specific"].control) == {"matched"}
+    assert set(matched[matched.neuron_set == "specific"].control.isna()) == {True}
+    # the Russian set has no other neuron as busy as it in its stratum: said, with numbers
+    ru_info = [x for x in stats["control_match"] if x["deactivated_lang"] == "ru"]
+    assert ru_info and all(x["shortfall"] for x in ru_info)
+    en_info = [x for x in stats["control_match"] if x["deactivated_lang"] == "en"]
+    assert all(not x["shortfall"] and x["activity_control"] == x["activity_real"] == 1.0 for x in en_info)
+
+    busy = _own(layer, "specific", "en")
+    assert busy > 0.03  # the busy set matters for "its" language...
+    assert _own(matched, "specific", "en") == busy  # (same real rows under both controls)
+    # ...and the layer-only control, mostly quiet neurons, makes that look like a language effect
+    assert _own(layer, "random:specific", "en") < 0.2 * busy
+    # the matched control draws other busy neurons: the excess over it is small
+    assert abs(busy - _own(matched, "random:specific", "en")) < 0.1 * busy
+    # the planted Russian neurons stand out from both controls
+    ru = _own(layer, "specific", "ru")
+    assert ru > 0.2
+    assert ru - _own(layer, "random:specific", "ru") > 0.5 * ru
+    assert ru - _own(matched, "random:specific", "ru") > 0.5 * ru
+    # and the busy set is no more harmful to "its" language than to the other one
+    en_on_ru = float(layer[(layer.metric == "nll") & (layer.neuron_set == "specific") & (layer.deactivated_lang == "en")
+                           & (layer.eval_lang == "ru")].delta.iloc[0])
+    assert en_on_ru > 0.5 * busy
+
+
+def test_matched_control_needs_activity(planted):
+    model, tok, nmap = planted
+    with pytest.raises(LangNeuronsError, match="needs the neurons' activity"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False)
+    with pytest.raises(LangNeuronsError, match="another model"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, activity=torch.zeros(3, 48))
+    with pytest.raises(LangNeuronsError, match="matched, layer or none"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, control="uniform")

@@ -17,6 +17,7 @@ from langneurons.corpus import Example
 from langneurons.errors import CorpusError, LangNeuronsError
 from langneurons.evaluate import (ablation_matrix, detect_language, extract_final_number, generate, perplexity,
                                   read_mgsm, score_math, write_generations)
+from langneurons.intervals import ablation_intervals, documents_frame
 from langneurons.intervene import deactivate
 from langneurons.neurons import GENERAL, RELATED, SPECIFIC, NeuronMap
 from tiny import SAMPLE_TEXTS, make_model, make_tokenizer
@@ -515,10 +516,13 @@ def test_matched_control_separates_busy_from_language_neurons(busy_model):
     corpus = {k: SAMPLE_TEXTS[k] for k in ("ru", "en")}
     kw = dict(neuron_sets=("specific",), control_seeds=(0, 1, 2, 3), metrics=("nll",), progress=False,
               activity=activity)
-    layer = ablation_matrix(model, tok, nmap, corpus, control="layer", **kw)
+    layer_docs: list = []
+    matched_docs: list = []
+    layer = ablation_matrix(model, tok, nmap, corpus, control="layer", documents=layer_docs, **kw)
     stats: dict = {}
     with pytest.warns(UserWarning, match=r"matched control of ru specific.*could not be drawn"):
-        matched = ablation_matrix(model, tok, nmap, corpus, control="matched", stats=stats, **kw)
+        matched = ablation_matrix(model, tok, nmap, corpus, control="matched", stats=stats, documents=matched_docs,
+                                  **kw)
     assert set(layer[layer.neuron_set == "random:specific"].control) == {"layer"}
     assert set(matched[matched.neuron_set == "random:specific"].control) == {"matched"}
     assert set(matched[matched.neuron_set == "specific"].control.isna()) == {True}
@@ -544,6 +548,24 @@ def test_matched_control_separates_busy_from_language_neurons(busy_model):
     en_on_ru = float(layer[(layer.metric == "nll") & (layer.neuron_set == "specific") & (layer.deactivated_lang == "en")
                            & (layer.eval_lang == "ru")].delta.iloc[0])
     assert en_on_ru > 0.5 * busy
+
+    # with intervals (documents and control seeds resampled): the same verdicts
+    sel_layer = ablation_intervals(documents_frame(layer_docs), resamples=500).selectivity.set_index("deactivated_lang")
+    sel_matched = ablation_intervals(documents_frame(matched_docs),
+                                     resamples=500).selectivity.set_index("deactivated_lang")
+    assert sel_layer.loc["en", "excess_low"] > 0  # "English neurons", says the layer-only control
+    assert sel_matched.loc["en", "excess_low"] < 0 < sel_matched.loc["en", "excess_high"]  # not beyond busy
+    for sel in (sel_layer, sel_matched):
+        assert sel.loc["ru", "excess_low"] > 0 and sel.loc["ru", "selectivity_low"] > 0
+        assert sel.loc["en", "selectivity_high"] < 0.5 * busy  # never selective: it hurts both languages
+        assert sel.loc["en", "n_docs"] == 4 and sel.loc["en", "distinct_resamples"] == 35 * 35
+    # the per-document scores add up to the matrix rows
+    d = documents_frame(matched_docs)
+    row = matched[(matched.metric == "nll") & (matched.neuron_set == "specific") & (matched.deactivated_lang == "en")
+                  & (matched.eval_lang == "ru")].iloc[0]
+    part = d[(d.neuron_set == "specific") & (d.deactivated_lang == "en") & (d.eval_lang == "ru")]
+    assert part.nll.sum() / part.tokens.sum() == pytest.approx(row.ablated, rel=1e-12)
+    assert row.n_docs == 4 and row.n_tokens == part.tokens.sum()
 
 
 def test_matched_control_needs_activity(planted):

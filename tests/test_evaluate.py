@@ -17,7 +17,7 @@ from langneurons.corpus import Example
 from langneurons.errors import CorpusError, LangNeuronsError
 from langneurons.evaluate import (ablation_matrix, detect_language, extract_final_number, generate, perplexity,
                                   read_mgsm, score_math, write_generations)
-from langneurons.intervals import ablation_intervals, documents_frame
+from langneurons.intervals import ablation_intervals, distinct_resamples, documents_frame
 from langneurons.intervene import deactivate
 from langneurons.neurons import GENERAL, RELATED, SPECIFIC, NeuronMap
 from tiny import SAMPLE_TEXTS, make_model, make_tokenizer
@@ -438,7 +438,9 @@ def test_report_section(tmp_path):
     html = render_section(run.path)
     assert html.count('src="data:image/png;base64,') == 2
     assert 'alt=""' not in html
-    assert "for 1 of 3 languages (not for de, zh)" in html
+    assert ("for 1 of 3 languages by point estimates (not for de, zh); no interval was computed, so none of them is "
+            "confirmed against the control") in html
+    assert "The number of evaluated documents is not recorded for en, de, zh" in html
     assert render_section(run.path, standalone=True).startswith('<section id="section-interventions">')
     assert langs[0] in html
 
@@ -576,3 +578,57 @@ def test_matched_control_needs_activity(planted):
         ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, activity=torch.zeros(3, 48))
     with pytest.raises(LangNeuronsError, match="matched, layer or none"):
         ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, control="uniform")
+
+
+def test_report_shows_intervals_sizes_and_warnings(tmp_path):
+    """The Interventions section from per-document scores: every cell with its interval, the
+    documents and tokens behind each column, the small-sample warnings, and a verdict that counts
+    only languages whose own-language interval lies above the control."""
+    import html as html_lib
+
+    from langneurons.intervals import DOCS_FILE
+    from langneurons.report.ablation import render_section
+    from langneurons.runs import RunDir
+    from test_intervals import _docs
+
+    docs = _docs(n_docs=(4, 12, 12), own={"a": 0.5, "b": 0.5, "c": 0.08}, other=0.02, noise=0.3)
+    base = docs[docs.neuron_set == "none"]
+    rows = []
+    for (nset, k, seed, j), part in docs[docs.neuron_set != "none"].groupby(
+            ["neuron_set", "deactivated_lang", "seed", "eval_lang"], dropna=False):
+        b = base[base.eval_lang == j]
+        bn, an = b.nll.sum() / b.tokens.sum(), part.nll.sum() / b.tokens.sum()
+        rows.append(dict(deactivated_lang=k, eval_lang=j, neuron_set=nset, metric="nll", base=bn, ablated=an,
+                         delta=an - bn, n_tokens=int(b.tokens.sum()), seed=None if pd.isna(seed) else int(seed),
+                         n_neurons=5, ci_low=float("nan"), ci_high=float("nan"), n_docs=len(b), n_resamples=0,
+                         control=None if nset == "specific" else "matched"))
+    df = pd.DataFrame(rows)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    df.to_parquet(run.ablation_path)
+    docs.to_parquet(run.path / DOCS_FILE)
+    page = html_lib.unescape(render_section(run.path))
+    # column headers: documents and tokens, summed directly
+    for j, n in (("a", 4), ("b", 12), ("c", 12)):
+        assert f"{j} ({n} docs, {int(base[base.eval_lang == j].tokens.sum()):,} tokens)" in page
+    # every cell: delta [interval] from the engine, the delta itself from the direct sums
+    iv = ablation_intervals(docs, resamples=1000, seed=0)
+    for r in iv.cells.itertuples():
+        direct = df[(df.neuron_set == "specific") & (df.deactivated_lang == r.deactivated_lang)
+                    & (df.eval_lang == r.eval_lang)].delta.iloc[0]
+        assert f"{direct:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" in page
+    # warnings: 4 documents (< 10) and C(7, 4) = 35 distinct resamples < 1,000 drawn
+    assert "Fewer than 10 evaluated documents for 1 language(s): a (4)" in page
+    assert "The bootstrap drew 1,000 resamples, but fewer distinct ones exist for a (35)" in page
+    # the verdict counts only own-language cells above the control
+    real = df[df.neuron_set == "specific"].pivot(index="deactivated_lang", columns="eval_lang", values="delta")
+    point = [k for k in "abc" if real.loc[k, k] > 0 and real.loc[k, k] > max(real.loc[k, j] for j in "abc" if j != k)]
+    own = iv.cells[iv.cells.deactivated_lang == iv.cells.eval_lang].set_index("deactivated_lang")
+    confirmed = [k for k in point if own.loc[k, "excess_low"] > 0]
+    assert len(confirmed) < len(point) == 3  # c is hurt most by point estimate, but not beyond the control
+    assert (f"with the 95% interval of its own loss above the control, for {len(confirmed)} of 3 languages "
+            f"({len(point)} of 3 by point estimates alone; not beyond the control: c)") in page
+    assert "activity-matched control" in page
+    sel = iv.selectivity.set_index("deactivated_lang")
+    assert f"{sel.loc['a', 'selectivity']:+.3f} [{sel.loc['a', 'selectivity_low']:+.3f}, " in page
+    assert f"1,000 of {35 * distinct_resamples(12) ** 2:,}" in page

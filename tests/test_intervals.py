@@ -29,7 +29,7 @@ def _docs(n_docs=(6, 7, 5), seed_effects=(0.02, 0.05, 0.03), own=0.4, other=0.05
                              nll=float(b), tokens=int(t), bytes=int(3 * t)))
     for k in LANGS:
         for j in LANGS:
-            eff = own if j == k else other
+            eff = (own.get(k, 0.4) if isinstance(own, dict) else own) if j == k else other
             for d, (t, b) in enumerate(zip(tokens[j], base[j])):
                 rows.append(dict(neuron_set="specific", deactivated_lang=k, seed=None, control=None, eval_lang=j,
                                  doc=d, nll=float(b + t * (eff + rng.normal(0, noise))), tokens=int(t),

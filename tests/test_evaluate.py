@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -632,3 +633,60 @@ def test_report_shows_intervals_sizes_and_warnings(tmp_path):
     sel = iv.selectivity.set_index("deactivated_lang")
     assert f"{sel.loc['a', 'selectivity']:+.3f} [{sel.loc['a', 'selectivity_low']:+.3f}, " in page
     assert f"1,000 of {35 * distinct_resamples(12) ** 2:,}" in page
+
+
+# -- sizing by tokens, cost up front ----------------------------------------------------------------
+def test_select_eval_docs_by_token_budget(tokenizer):
+    from langneurons.evaluate import select_eval_docs
+
+    texts = SAMPLE_TEXTS["en"] + SAMPLE_TEXTS["de"]
+    # oracle: every token after BOS is a target (predicted from its predecessor, BOS for the first)
+    sizes = [len(tokenizer(t)["input_ids"]) - 1 for t in texts]
+    budget = sizes[0] + sizes[1] + sizes[2] // 2  # room for two documents and half of the third
+    with pytest.warns(UserWarning, match=r"fewer than 10 evaluation documents.*en: 2, zh: 1"):
+        sel = select_eval_docs(tokenizer, {"en": texts, "zh": [SAMPLE_TEXTS["zh"][0]]}, budget)
+    assert [e.text for e in sel.by_lang["en"]] == texts[:2]
+    assert sel.tokens["en"] == sizes[0] + sizes[1] and sel.docs == {"en": 2, "zh": 1}
+    assert sel.available == {"en": 8, "zh": 1}
+    assert sel.tokens_per_pass == sel.tokens["en"] + sel.tokens["zh"]
+    # a budget below the first document still keeps one; a large one keeps all
+    assert select_eval_docs(tokenizer, {"en": texts}, 1, min_docs=1).docs == {"en": 1}
+    assert select_eval_docs(tokenizer, {"en": texts}, 10 ** 6, min_docs=1).tokens["en"] == sum(sizes)
+    with pytest.raises(LangNeuronsError, match="eval-tokens-per-lang"):
+        select_eval_docs(tokenizer, {"en": texts}, 0)
+
+
+def test_cost_estimate_line_and_factor(llama):
+    from langneurons.evaluate import ablation_cost, eval_cost_factor
+
+    est = ablation_cost(61, 12_000, 1_700)
+    assert est.seconds == pytest.approx(61 * 12_000 / 1_700)
+    assert est.line() == "61 passes x 12,000 tokens ≈ 7 min at 1,700 tok/s"
+    lines: list = []
+    slow = ablation_cost(121, 40_000, 1_000, factor=2.5, echo=lines.append)
+    assert lines == ["121 passes x 40,000 tokens ≈ 3.4 h at 1,000 tok/s (recording speed; x2.5 per evaluated token)"]
+    assert slow.seconds == pytest.approx(121 * 40_000 * 2.5 / 1_000)
+    with pytest.raises(LangNeuronsError, match="tokens per second"):
+        ablation_cost(1, 1, 0)
+    # factor from parameter counts: the tiny llama has separate input and output embeddings
+    V, H = llama.config.vocab_size, llama.config.hidden_size
+    total = sum(p.numel() for p in llama.parameters())
+    body = total - 2 * V * H
+    assert eval_cost_factor(llama) == pytest.approx((body + V * H) / body)
+
+
+def test_plan_passes_matches_the_matrix(busy_model):
+    from langneurons.evaluate import plan_passes
+
+    model, tok, nmap, activity = busy_model
+    for kind in ("matched", "layer", None):
+        stats: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ablation_matrix(model, tok, nmap, {"en": SAMPLE_TEXTS["en"][:1]}, neuron_sets=("specific", "specific,related"),
+                            control=kind, control_seeds=(0, 1), metrics=("nll",), progress=False, activity=activity,
+                            stats=stats)
+            planned = plan_passes(nmap, neuron_sets=("specific", "specific,related"), control=kind,
+                                  control_seeds=(0, 1), activity=activity)
+        # baseline + 2 real masks (no related neurons: both sets are one mask) + 2 langs x 2 sets x 2 seeds
+        assert planned == stats["passes"] == (1 + 2 + 8 if kind else 3)

@@ -500,6 +500,129 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     return _frame(rows)
 
 
+# --------------------------------------------------------------------------------------------
+# sizing the held-out evaluation by tokens, and its cost said up front
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalSelection:
+    """Held-out documents picked per language up to a token budget (`select_eval_docs`)."""
+
+    by_lang: dict[str, list[Example]]
+    tokens: dict[str, int]  # scored tokens per language
+    available: dict[str, int]  # held-out documents that were offered per language
+    budget: int
+
+    @property
+    def docs(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.by_lang.items()}
+
+    @property
+    def tokens_per_pass(self) -> int:
+        """Scored tokens of one pass over the pooled corpus (every language at once)."""
+        return int(sum(self.tokens.values()))
+
+    def summary(self) -> dict[str, Any]:
+        return {"eval_tokens_per_lang": self.budget, "documents": self.docs, "tokens": dict(self.tokens),
+                "available": dict(self.available), "tokens_per_pass": self.tokens_per_pass}
+
+
+def select_eval_docs(tokenizer: Any, eval_corpus: Mapping[str, Sequence[Example | str]], tokens_per_lang: int, *,
+                     scope: str = "auto", max_length: int = 4096, separator: str = "\n",
+                     min_docs: int = 10) -> EvalSelection:
+    """Pick held-out documents per language, in their given order, until the next one would
+    take the language past ``tokens_per_lang`` scored tokens (the same tokens the ablation
+    scores: `encode_for_eval`). At least one document per language, even when it alone is over
+    the budget. Documents without a scored token are skipped.
+
+    Why tokens, not documents: the cost of a pass is its number of tokens, and languages whose
+    script the tokenizer splits finely would otherwise cost several times more. Why many short
+    documents rather than a few long ones: the bootstrap resamples documents, so the number of
+    documents (not tokens) decides whether an interval means anything. A language left with
+    fewer than ``min_docs`` documents gets a warning naming it."""
+    if tokens_per_lang < 1:
+        raise LangNeuronsError(f"--eval-tokens-per-lang must be >= 1, got {tokens_per_lang}")
+    out: dict[str, list[Example]] = {}
+    tokens: dict[str, int] = {}
+    available: dict[str, int] = {}
+    for lang, items in eval_corpus.items():
+        examples = [_as_example(x) for x in items]
+        sc = _resolve_scope(examples, scope)
+        picked: list[Example] = []
+        total = 0
+        for ex in examples:
+            n = sum(encode_for_eval(tokenizer, ex, sc, max_length, separator).scored)
+            if n == 0:
+                continue
+            if picked and total + n > tokens_per_lang:
+                break
+            picked.append(ex)
+            total += n
+        out[lang], tokens[lang], available[lang] = picked, total, len(examples)
+    few = {k: len(v) for k, v in out.items() if len(v) < min_docs}
+    if few:
+        warnings.warn(f"{len(few)} language(s) have fewer than {min_docs} evaluation documents within "
+                      f"{tokens_per_lang:,} tokens ({', '.join(f'{k}: {n}' for k, n in few.items())}); their "
+                      "intervals will be rough: raise --eval-tokens-per-lang or hold out more (shorter) documents",
+                      stacklevel=2)
+    return EvalSelection(out, tokens, available, int(tokens_per_lang))
+
+
+def eval_cost_factor(model: nn.Module) -> float:
+    """How much more one evaluated token costs than one recorded token, from the parameter
+    counts: recording runs the body only (no LM head), evaluation adds the LM head
+    (vocabulary x hidden multiply-adds per token). A first-order estimate (it ignores the
+    log-softmax over the vocabulary and attention's length term); the measured ratio belongs in
+    ``ablation_cost(factor=...)`` when known."""
+    emb = model.get_input_embeddings().weight
+    vocab, hidden = int(emb.shape[0]), int(emb.shape[1])
+    seen: set[int] = set()
+    body = 0
+    out_emb = model.get_output_embeddings()
+    skip = {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        body += p.numel()
+    return (body + vocab * hidden) / max(body, 1)
+
+
+@dataclass
+class CostEstimate:
+    passes: int
+    tokens_per_pass: int
+    tokens_per_second: float  # measured while recording
+    factor: float  # evaluation cost per token relative to recording
+
+    @property
+    def seconds(self) -> float:
+        return self.passes * self.tokens_per_pass * self.factor / max(self.tokens_per_second, 1e-9)
+
+    def line(self) -> str:
+        """e.g. "61 passes x 12,000 tokens ≈ 7 min at 1,700 tok/s (recording speed; x2.7 per evaluated token)"."""
+        sec = self.seconds
+        when = f"{sec:.0f} s" if sec < 90 else (f"{sec / 60:.0f} min" if sec < 5400 else f"{sec / 3600:.1f} h")
+        extra = "" if abs(self.factor - 1) < 1e-9 else f" (recording speed; x{self.factor:.2g} per evaluated token)"
+        return (f"{self.passes:,} passes x {self.tokens_per_pass:,} tokens ≈ {when} at "
+                f"{self.tokens_per_second:,.0f} tok/s{extra}")
+
+
+def ablation_cost(passes: int, tokens_per_pass: int, tokens_per_second: float, *, factor: float = 1.0,
+                  echo: Any = None) -> CostEstimate:
+    """The time the ablation matrix will take, said before it starts: ``passes`` from
+    `plan_passes`, ``tokens_per_pass`` from `EvalSelection.tokens_per_pass`, ``tokens_per_second``
+    measured while recording, ``factor`` from `eval_cost_factor` (or measured). ``echo`` (e.g.
+    ``print``) receives the line."""
+    if passes < 0 or tokens_per_pass < 0:
+        raise LangNeuronsError("passes and tokens per pass must be >= 0")
+    if not tokens_per_second or tokens_per_second <= 0 or not math.isfinite(tokens_per_second):
+        raise LangNeuronsError(f"tokens per second must be a positive number, got {tokens_per_second}")
+    est = CostEstimate(int(passes), int(tokens_per_pass), float(tokens_per_second), float(factor))
+    if echo is not None:
+        echo(est.line())
+    return est
+
+
 COLUMNS = ["deactivated_lang", "eval_lang", "neuron_set", "metric", "base", "ablated", "delta", "n_tokens",
            "seed", "n_neurons", "ci_low", "ci_high", "n_docs", "n_resamples", "control"]
 

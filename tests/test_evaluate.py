@@ -690,3 +690,15 @@ def test_plan_passes_matches_the_matrix(busy_model):
                                   control_seeds=(0, 1), activity=activity)
         # baseline + 2 real masks (no related neurons: both sets are one mask) + 2 langs x 2 sets x 2 seeds
         assert planned == stats["passes"] == (1 + 2 + 8 if kind else 3)
+
+
+def test_ablation_matrix_says_its_cost_after_the_baseline(planted):
+    model, tok, nmap = planted
+    lines: list = []
+    stats: dict = {}
+    ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, neuron_sets=("specific",), control=None,
+                    metrics=("nll",), progress=False, echo=lines.append, stats=stats)
+    n_tok = perplexity(model, tok, SAMPLE_TEXTS["ru"]).n_tokens
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{stats['passes'] - 1} passes x {n_tok:,} tokens ≈ ")
+    assert "measured on the baseline pass" in lines[0]

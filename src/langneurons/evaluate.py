@@ -362,7 +362,8 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                     scope: str = "auto", max_length: int | None = None, mode: str = "zero", factor: float = 0.0,
                     act_path: str | None = None, bootstrap: int = 0, separator: str = "\n",
                     stats: dict[str, Any] | None = None, activity: torch.Tensor | None = None,
-                    control_bins: int = 20, documents: list[dict] | None = None) -> "Any":
+                    control_bins: int = 20, documents: list[dict] | None = None,
+                    echo: Any = None) -> "Any":
     """The K x K intervention matrix in the ``ablation.parquet`` schema.
 
     Rows of the result: one per (deactivated language k, eval language j, neuron set, metric
@@ -385,6 +386,10 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     ("none" for the unpatched baseline), deactivated_lang, seed, control, eval_lang, doc, nll
     (summed nats), tokens, bytes -- what `confidence.ablation_intervals` resamples (written by the
     pipeline as ``ablation_docs.parquet``).
+
+    ``echo`` (e.g. ``print``): after the baseline pass, one line with the time the remaining
+    passes will take at the speed just measured (`ablation_cost`), so a long matrix is said
+    before it runs.
     """
     metrics = [m for m in metrics if m != "accuracy"]
     bad = [m for m in metrics if m not in METRICS]
@@ -445,9 +450,15 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     results: dict[tuple[bytes | None, str], EvalResult] = {}
     try:
         bar.set_postfix_str("baseline")
+        t_base = time.perf_counter()
         for j, res in score_all().items():
             results[(None, j)] = res
         bar.update(1)
+        if echo is not None and unique:
+            n_tok = sum(r.n_tokens for r in results.values())
+            speed = n_tok / max(time.perf_counter() - t_base, 1e-9)
+            echo(ablation_cost(len(unique), n_tok, speed).line().replace(" tok/s", " tok/s (measured on the "
+                                                                         "baseline pass)"))
         for key, job in unique.items():
             bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
             with deactivate(model, job.mask, mode=mode, factor=factor, sites=sites) as iv:  # type: ignore[arg-type]
@@ -572,7 +583,10 @@ def eval_cost_factor(model: nn.Module) -> float:
     counts: recording runs the body only (no LM head), evaluation adds the LM head
     (vocabulary x hidden multiply-adds per token). A first-order estimate (it ignores the
     log-softmax over the vocabulary and attention's length term); the measured ratio belongs in
-    ``ablation_cost(factor=...)`` when known."""
+    ``ablation_cost(factor=...)`` when known. Measured on Gemma 3 270M (262,144-token
+    vocabulary, CPU): this ratio is 2.67, the measured one 3.8 (the log-softmax over the
+    vocabulary is memory-bound), so for large vocabularies treat it as a lower bound and trust the
+    re-estimate `ablation_matrix(echo=...)` prints after its baseline pass."""
     emb = model.get_input_embeddings().weight
     vocab, hidden = int(emb.shape[0]), int(emb.shape[1])
     seen: set[int] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,7 @@ from langneurons.corpus import Example
 from langneurons.errors import CorpusError, LangNeuronsError
 from langneurons.evaluate import (ablation_matrix, detect_language, extract_final_number, generate, perplexity,
                                   read_mgsm, score_math, write_generations)
+from langneurons.intervals import ablation_intervals, distinct_resamples, documents_frame
 from langneurons.intervene import deactivate
 from langneurons.neurons import GENERAL, RELATED, SPECIFIC, NeuronMap
 from tiny import SAMPLE_TEXTS, make_model, make_tokenizer
@@ -438,6 +440,266 @@ def test_report_section(tmp_path):
     html = render_section(run.path)
     assert html.count('src="data:image/png;base64,') == 2
     assert 'alt=""' not in html
-    assert "for 1 of 3 languages (not for de, zh)" in html
+    assert ("for 1 of 3 languages by point estimates (not for de, zh); no interval was computed, so none of them is "
+            "confirmed against the control") in html
+    assert "The number of evaluated documents is not recorded for en, de, zh" in html
     assert render_section(run.path, standalone=True).startswith('<section id="section-interventions">')
     assert langs[0] in html
+
+
+# -- busy neurons vs language neurons: the control decides --------------------------------------
+BUSY = torch.arange(40, 64)  # layer-0 neurons that fire on every token and help every language
+BUSY_SET = BUSY[:8]  # the "language set" that is really just busy
+
+
+@pytest.fixture(scope="module")
+def busy_model(tmp_path_factory):
+    """Tiny llama (128 neurons per layer) with two planted groups in layer 0:
+
+    * neurons 0..7 fire only on Russian-only tokens (embedding coordinate 0 = +3 there, -3
+      elsewhere) and raise the logits of exactly those tokens (coordinate 1 -> LM head);
+    * neurons 40..63 fire on EVERY token (coordinate 2 = +3 for all tokens) and raise the logits
+      of every token seen in either language (coordinate 3 -> LM head): language-neutral, busy
+      and important for both languages.
+
+    The map calls 0..7 Russian and 40..47 "English". Activity comes from really recording the
+    texts (stats.probs()), as in a run."""
+    from langneurons.corpus import Corpus
+    from langneurons.intervene import activity_from_probs
+    from langneurons.record import RecordConfig, record
+
+    tok = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tok), inter=128)
+    ru_only = sorted(_token_ids(tok, "ru") - _token_ids(tok, "en"))
+    seen = sorted(_token_ids(tok, "ru") | _token_ids(tok, "en"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, 0] = -3.0
+        emb[ru_only, 0] = 3.0
+        emb[:, 2] = 3.0
+        model.model.layers[0].self_attn.v_proj.weight[:, [0, 2]] = 0  # planted coordinates reach only the MLP
+        mlp = model.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[:, [0, 2]] = 0  # no other neuron reads the planted coordinates...
+        mlp.down_proj.weight[[1, 3], :] = 0  # ...or writes the read-out coordinates
+        for group, coord in ((PLANTED, 0), (BUSY, 2)):
+            mlp.gate_proj.weight[group] = 0
+            mlp.gate_proj.weight[group, coord] = 4.0
+            mlp.up_proj.weight[group] = 0
+            mlp.up_proj.weight[group, coord] = 1.0
+            mlp.down_proj.weight[:, group] = 0
+        mlp.down_proj.weight[1, PLANTED] = 0.05
+        mlp.down_proj.weight[3, BUSY] = 0.02 * (1 + 0.3 * torch.rand(len(BUSY), generator=gen))
+        model.lm_head.weight[:, [1, 3]] = 0
+        model.lm_head.weight[ru_only, 1] = 1.0
+        model.lm_head.weight[seen, 3] = 1.0
+    L, N = 2, 128
+    classes = torch.zeros(L, N, dtype=torch.int8)
+    active = torch.zeros(2, L, N, dtype=torch.bool)
+    classes[0, PLANTED] = SPECIFIC
+    active[0, 0, PLANTED] = True
+    classes[0, BUSY_SET] = SPECIFIC
+    active[1, 0, BUSY_SET] = True
+    nmap = NeuronMap(["ru", "en"], classes, active, classes > 0)
+    corpus = Corpus({k: [Example(k, text=t) for t in SAMPLE_TEXTS[k]] for k in ("ru", "en")}, "planted")
+    stats = record(model, tok, corpus, tmp_path_factory.mktemp("busy"), RecordConfig(), progress=False)
+    return model, tok, nmap, activity_from_probs(stats.probs())
+
+
+def _own(df, kind_set: str, lang: str) -> float:
+    sub = df[(df.metric == "nll") & (df.neuron_set == kind_set) & (df.deactivated_lang == lang) & (df.eval_lang == lang)]
+    return float(sub.delta.mean())
+
+
+def test_matched_control_separates_busy_from_language_neurons(busy_model):
+    model, tok, nmap, activity = busy_model
+    # the recorded activity shows the set-up: busy neurons always fire, the Russian ones on Russian
+    assert (activity[0, BUSY] == 1.0).all()
+    assert (activity[0, PLANTED] > 0.8).all() and activity[0, 64:].mean() < 0.8
+    corpus = {k: SAMPLE_TEXTS[k] for k in ("ru", "en")}
+    kw = dict(neuron_sets=("specific",), control_seeds=(0, 1, 2, 3), metrics=("nll",), progress=False,
+              activity=activity)
+    layer_docs: list = []
+    matched_docs: list = []
+    layer = ablation_matrix(model, tok, nmap, corpus, control="layer", documents=layer_docs, **kw)
+    stats: dict = {}
+    with pytest.warns(UserWarning, match=r"matched control of ru specific.*could not be drawn"):
+        matched = ablation_matrix(model, tok, nmap, corpus, control="matched", stats=stats, documents=matched_docs,
+                                  **kw)
+    assert set(layer[layer.neuron_set == "random:specific"].control) == {"layer"}
+    assert set(matched[matched.neuron_set == "random:specific"].control) == {"matched"}
+    assert set(matched[matched.neuron_set == "specific"].control.isna()) == {True}
+    # the Russian set has no other neuron as busy as it in its stratum: said, with numbers
+    ru_info = [x for x in stats["control_match"] if x["deactivated_lang"] == "ru"]
+    assert ru_info and all(x["shortfall"] for x in ru_info)
+    en_info = [x for x in stats["control_match"] if x["deactivated_lang"] == "en"]
+    assert all(not x["shortfall"] and x["activity_control"] == x["activity_real"] == 1.0 for x in en_info)
+
+    busy = _own(layer, "specific", "en")
+    assert busy > 0.03  # the busy set matters for "its" language...
+    assert _own(matched, "specific", "en") == busy  # (same real rows under both controls)
+    # ...and the layer-only control, mostly quiet neurons, makes that look like a language effect
+    assert _own(layer, "random:specific", "en") < 0.2 * busy
+    # the matched control draws other busy neurons: the excess over it is small
+    assert abs(busy - _own(matched, "random:specific", "en")) < 0.1 * busy
+    # the planted Russian neurons stand out from both controls
+    ru = _own(layer, "specific", "ru")
+    assert ru > 0.2
+    assert ru - _own(layer, "random:specific", "ru") > 0.5 * ru
+    assert ru - _own(matched, "random:specific", "ru") > 0.5 * ru
+    # and the busy set is no more harmful to "its" language than to the other one
+    en_on_ru = float(layer[(layer.metric == "nll") & (layer.neuron_set == "specific") & (layer.deactivated_lang == "en")
+                           & (layer.eval_lang == "ru")].delta.iloc[0])
+    assert en_on_ru > 0.5 * busy
+
+    # with intervals (documents and control seeds resampled): the same verdicts
+    sel_layer = ablation_intervals(documents_frame(layer_docs), resamples=500).selectivity.set_index("deactivated_lang")
+    sel_matched = ablation_intervals(documents_frame(matched_docs),
+                                     resamples=500).selectivity.set_index("deactivated_lang")
+    assert sel_layer.loc["en", "excess_low"] > 0  # "English neurons", says the layer-only control
+    assert sel_matched.loc["en", "excess_low"] < 0 < sel_matched.loc["en", "excess_high"]  # not beyond busy
+    for sel in (sel_layer, sel_matched):
+        assert sel.loc["ru", "excess_low"] > 0 and sel.loc["ru", "selectivity_low"] > 0
+        assert sel.loc["en", "selectivity_high"] < 0.5 * busy  # never selective: it hurts both languages
+        assert sel.loc["en", "n_docs"] == 4 and sel.loc["en", "distinct_resamples"] == 35 * 35
+    # the per-document scores add up to the matrix rows
+    d = documents_frame(matched_docs)
+    row = matched[(matched.metric == "nll") & (matched.neuron_set == "specific") & (matched.deactivated_lang == "en")
+                  & (matched.eval_lang == "ru")].iloc[0]
+    part = d[(d.neuron_set == "specific") & (d.deactivated_lang == "en") & (d.eval_lang == "ru")]
+    assert part.nll.sum() / part.tokens.sum() == pytest.approx(row.ablated, rel=1e-12)
+    assert row.n_docs == 4 and row.n_tokens == part.tokens.sum()
+
+
+def test_matched_control_needs_activity(planted):
+    model, tok, nmap = planted
+    with pytest.raises(LangNeuronsError, match="needs the neurons' activity"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False)
+    with pytest.raises(LangNeuronsError, match="another model"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, activity=torch.zeros(3, 48))
+    with pytest.raises(LangNeuronsError, match="matched, layer or none"):
+        ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, progress=False, control="uniform")
+
+
+def test_report_shows_intervals_sizes_and_warnings(tmp_path):
+    """The Interventions section from per-document scores: every cell with its interval, the
+    documents and tokens behind each column, the small-sample warnings, and a verdict that counts
+    only languages whose own-language interval lies above the control."""
+    import html as html_lib
+
+    from langneurons.intervals import DOCS_FILE
+    from langneurons.report.ablation import render_section
+    from langneurons.runs import RunDir
+    from test_intervals import _docs
+
+    docs = _docs(n_docs=(4, 12, 12), own={"a": 0.5, "b": 0.5, "c": 0.08}, other=0.02, noise=0.3)
+    base = docs[docs.neuron_set == "none"]
+    rows = []
+    for (nset, k, seed, j), part in docs[docs.neuron_set != "none"].groupby(
+            ["neuron_set", "deactivated_lang", "seed", "eval_lang"], dropna=False):
+        b = base[base.eval_lang == j]
+        bn, an = b.nll.sum() / b.tokens.sum(), part.nll.sum() / b.tokens.sum()
+        rows.append(dict(deactivated_lang=k, eval_lang=j, neuron_set=nset, metric="nll", base=bn, ablated=an,
+                         delta=an - bn, n_tokens=int(b.tokens.sum()), seed=None if pd.isna(seed) else int(seed),
+                         n_neurons=5, ci_low=float("nan"), ci_high=float("nan"), n_docs=len(b), n_resamples=0,
+                         control=None if nset == "specific" else "matched"))
+    df = pd.DataFrame(rows)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    df.to_parquet(run.ablation_path)
+    docs.to_parquet(run.path / DOCS_FILE)
+    page = html_lib.unescape(render_section(run.path))
+    # column headers: documents and tokens, summed directly
+    for j, n in (("a", 4), ("b", 12), ("c", 12)):
+        assert f"{j} ({n} docs, {int(base[base.eval_lang == j].tokens.sum()):,} tokens)" in page
+    # every cell: delta [interval] from the engine, the delta itself from the direct sums
+    iv = ablation_intervals(docs, resamples=1000, seed=0)
+    for r in iv.cells.itertuples():
+        direct = df[(df.neuron_set == "specific") & (df.deactivated_lang == r.deactivated_lang)
+                    & (df.eval_lang == r.eval_lang)].delta.iloc[0]
+        assert f"{direct:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" in page
+    # warnings: 4 documents (< 10) and C(7, 4) = 35 distinct resamples < 1,000 drawn
+    assert "Fewer than 10 evaluated documents for 1 language(s): a (4)" in page
+    assert "The bootstrap drew 1,000 resamples, but fewer distinct ones exist for a (35)" in page
+    # the verdict counts only own-language cells above the control
+    real = df[df.neuron_set == "specific"].pivot(index="deactivated_lang", columns="eval_lang", values="delta")
+    point = [k for k in "abc" if real.loc[k, k] > 0 and real.loc[k, k] > max(real.loc[k, j] for j in "abc" if j != k)]
+    own = iv.cells[iv.cells.deactivated_lang == iv.cells.eval_lang].set_index("deactivated_lang")
+    confirmed = [k for k in point if own.loc[k, "excess_low"] > 0]
+    assert len(confirmed) < len(point) == 3  # c is hurt most by point estimate, but not beyond the control
+    assert (f"with the 95% interval of its own loss above the control, for {len(confirmed)} of 3 languages "
+            f"({len(point)} of 3 by point estimates alone; not beyond the control: c)") in page
+    assert "activity-matched control" in page
+    sel = iv.selectivity.set_index("deactivated_lang")
+    assert f"{sel.loc['a', 'selectivity']:+.3f} [{sel.loc['a', 'selectivity_low']:+.3f}, " in page
+    assert f"1,000 of {35 * distinct_resamples(12) ** 2:,}" in page
+
+
+# -- sizing by tokens, cost up front ----------------------------------------------------------------
+def test_select_eval_docs_by_token_budget(tokenizer):
+    from langneurons.evaluate import select_eval_docs
+
+    texts = SAMPLE_TEXTS["en"] + SAMPLE_TEXTS["de"]
+    # oracle: every token after BOS is a target (predicted from its predecessor, BOS for the first)
+    sizes = [len(tokenizer(t)["input_ids"]) - 1 for t in texts]
+    budget = sizes[0] + sizes[1] + sizes[2] // 2  # room for two documents and half of the third
+    with pytest.warns(UserWarning, match=r"fewer than 10 evaluation documents.*en: 2, zh: 1"):
+        sel = select_eval_docs(tokenizer, {"en": texts, "zh": [SAMPLE_TEXTS["zh"][0]]}, budget)
+    assert [e.text for e in sel.by_lang["en"]] == texts[:2]
+    assert sel.tokens["en"] == sizes[0] + sizes[1] and sel.docs == {"en": 2, "zh": 1}
+    assert sel.available == {"en": 8, "zh": 1}
+    assert sel.tokens_per_pass == sel.tokens["en"] + sel.tokens["zh"]
+    # a budget below the first document still keeps one; a large one keeps all
+    assert select_eval_docs(tokenizer, {"en": texts}, 1, min_docs=1).docs == {"en": 1}
+    assert select_eval_docs(tokenizer, {"en": texts}, 10 ** 6, min_docs=1).tokens["en"] == sum(sizes)
+    with pytest.raises(LangNeuronsError, match="eval-tokens-per-lang"):
+        select_eval_docs(tokenizer, {"en": texts}, 0)
+
+
+def test_cost_estimate_line_and_factor(llama):
+    from langneurons.evaluate import ablation_cost, eval_cost_factor
+
+    est = ablation_cost(61, 12_000, 1_700)
+    assert est.seconds == pytest.approx(61 * 12_000 / 1_700)
+    assert est.line() == "61 passes x 12,000 tokens ≈ 7 min at 1,700 tok/s"
+    lines: list = []
+    slow = ablation_cost(121, 40_000, 1_000, factor=2.5, echo=lines.append)
+    assert lines == ["121 passes x 40,000 tokens ≈ 3.4 h at 1,000 tok/s (recording speed; x2.5 per evaluated token)"]
+    assert slow.seconds == pytest.approx(121 * 40_000 * 2.5 / 1_000)
+    with pytest.raises(LangNeuronsError, match="tokens per second"):
+        ablation_cost(1, 1, 0)
+    # factor from parameter counts: the tiny llama has separate input and output embeddings
+    V, H = llama.config.vocab_size, llama.config.hidden_size
+    total = sum(p.numel() for p in llama.parameters())
+    body = total - 2 * V * H
+    assert eval_cost_factor(llama) == pytest.approx((body + V * H) / body)
+
+
+def test_plan_passes_matches_the_matrix(busy_model):
+    from langneurons.evaluate import plan_passes
+
+    model, tok, nmap, activity = busy_model
+    for kind in ("matched", "layer", None):
+        stats: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ablation_matrix(model, tok, nmap, {"en": SAMPLE_TEXTS["en"][:1]}, neuron_sets=("specific", "specific,related"),
+                            control=kind, control_seeds=(0, 1), metrics=("nll",), progress=False, activity=activity,
+                            stats=stats)
+            planned = plan_passes(nmap, neuron_sets=("specific", "specific,related"), control=kind,
+                                  control_seeds=(0, 1), activity=activity)
+        # baseline + 2 real masks (no related neurons: both sets are one mask) + 2 langs x 2 sets x 2 seeds
+        assert planned == stats["passes"] == (1 + 2 + 8 if kind else 3)
+
+
+def test_ablation_matrix_says_its_cost_after_the_baseline(planted):
+    model, tok, nmap = planted
+    lines: list = []
+    stats: dict = {}
+    ablation_matrix(model, tok, nmap, {"ru": SAMPLE_TEXTS["ru"]}, neuron_sets=("specific",), control=None,
+                    metrics=("nll",), progress=False, echo=lines.append, stats=stats)
+    n_tok = perplexity(model, tok, SAMPLE_TEXTS["ru"]).n_tokens
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{stats['passes'] - 1} passes x {n_tok:,} tokens ≈ ")
+    assert "measured on the baseline pass" in lines[0]

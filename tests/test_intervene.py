@@ -9,7 +9,8 @@ import torch
 
 from langneurons.arch import locate_activations
 from langneurons.errors import LangNeuronsError, NeuronMapError
-from langneurons.intervene import as_indices, deactivate, random_control
+from langneurons.intervene import (activity_from_probs, activity_strata, as_indices, deactivate, matched_control,
+                                   random_control)
 from tiny import make_model
 
 
@@ -376,3 +377,109 @@ def test_generated_positions_on_opt_flattened_activation(tokenizer):
     with torch.no_grad(), deactivate(opt, mask, positions="generated"):
         cached = opt.generate(ids, **gen_kw)
     assert torch.equal(cached, reference()) and flat_ref
+
+
+# -- the activity-matched control ---------------------------------------------------------------
+def _naive_strata(act: torch.Tensor, bins: int) -> torch.Tensor:
+    """Independent oracle: numpy quantiles per layer, stratum = number of distinct edges strictly
+    below the value."""
+    import numpy as np
+
+    out = torch.zeros(act.shape, dtype=torch.int64)
+    for layer in range(act.shape[0]):
+        row = act[layer].double().numpy()
+        edges = sorted(set(np.quantile(row, [i / bins for i in range(1, bins)]).tolist()))
+        for n, v in enumerate(row):
+            out[layer, n] = sum(1 for e in edges if e < v)
+    return out
+
+
+def test_activity_strata_match_a_naive_quantile_rule():
+    gen = torch.Generator().manual_seed(3)
+    act = torch.rand(3, 60, generator=gen)
+    act[1, :25] = 0.0  # ties: a quarter of the layer never fires -> bins merge, equal values share one
+    for bins in (1, 4, 10):
+        assert torch.equal(activity_strata(act, bins), _naive_strata(act, bins))
+    with pytest.raises(LangNeuronsError, match="NaN"):
+        activity_strata(torch.full((2, 3), float("nan")))
+
+
+def test_activity_from_probs():
+    p = torch.tensor([[[0.1, 0.9]], [[0.5, 0.0]]])  # K=2, L=1, N=2
+    assert torch.allclose(activity_from_probs(p), torch.tensor([[0.5, 0.9]]))
+    assert torch.allclose(activity_from_probs(p, "mean"), torch.tensor([[0.3, 0.45]]))
+    with pytest.raises(LangNeuronsError, match="max or mean"):
+        activity_from_probs(p, "median")
+
+
+def test_matched_control_is_disjoint_with_matched_layer_and_strata_counts():
+    L, N, bins = 3, 200, 10
+    gen = torch.Generator().manual_seed(0)
+    act = torch.rand(L, N, generator=gen)
+    # the real set: mostly very busy neurons (as selected neurons are), a few quiet ones
+    mask = torch.zeros(L, N, dtype=torch.bool)
+    for layer, k in enumerate((9, 0, 7)):  # the top decile has 20 neurons: enough left to match
+        order = torch.argsort(act[layer], descending=True)
+        mask[layer, order[:k]] = True
+        mask[layer, order[-2:]] = layer != 1
+    strata = _naive_strata(act, bins)
+    info: dict = {}
+    a = matched_control(mask, act, seed=0, exclude=mask, bins=bins, info=info)
+    assert not (a & mask).any()
+    assert torch.equal(a.sum(1), mask.sum(1))
+    for layer in range(L):
+        for s in range(bins):
+            assert int((a[layer] & (strata[layer] == s)).sum()) == int((mask[layer] & (strata[layer] == s)).sum())
+    assert info["shortfall"] == []
+    assert info["activity_control"] == pytest.approx(info["activity_real"], abs=0.05)
+    # a layer-only control of the same set is far less busy: the bias the matched control removes
+    layer_only = random_control(mask, seed=0, exclude=mask)
+    assert float(act[layer_only].mean()) < info["activity_real"] - 0.2
+    # seeded, and index lists give the same draw
+    assert torch.equal(a, matched_control(mask, act, seed=0, exclude=mask, bins=bins))
+    assert not torch.equal(a, matched_control(mask, act, seed=1, exclude=mask, bins=bins))
+    lists = [row.nonzero().flatten() for row in mask]
+    e = matched_control(lists, act, seed=0, exclude=lists, bins=bins)
+    assert torch.equal(torch.stack([torch.zeros(N, dtype=torch.bool).index_fill(0, x, True) for x in e]), a)
+
+
+def test_matched_control_says_when_a_stratum_is_too_small():
+    L, N = 1, 40
+    act = torch.linspace(0, 1, N).view(1, N)
+    mask = torch.zeros(L, N, dtype=torch.bool)
+    mask[0, 34:] = True  # the 6 busiest; with 4 bins the top stratum has 10 neurons -> 4 candidates
+    with pytest.raises(NeuronMapError, match=r"needs 6 control neurons but has only 4"):
+        matched_control(mask, act, seed=0, exclude=mask, bins=4, strict=True)
+    info: dict = {}
+    with pytest.warns(UserWarning, match=r"2 neuron\(s\) short.*needs 6, has 4"):
+        c = matched_control(mask, act, seed=0, exclude=mask, bins=4, info=info)
+    assert not (c & mask).any() and int(c.sum()) == 6
+    assert info["shortfall"] == [{"layer": 0, "stratum": 3, "needed": 6, "available": 4,
+                                  "activity_range": [pytest.approx(0.7692, abs=1e-4), 1.0]}]
+    # the 2 stand-ins are the nearest-activity neurons left: 26 and 27 (just below the stratum)
+    assert c[0, 30:34].all() and c[0, 28:30].all() and int(c[0, :28].sum()) == 0
+
+
+@pytest.mark.filterwarnings("ignore:matched control")  # small strata on purpose: sets of 20 in 48
+def test_the_matrix_controls_are_disjoint_with_the_same_per_layer_counts():
+    """Issue 19 item 12: the controls the matrix actually runs (both kinds) exclude the real set."""
+    from langneurons.evaluate import _plan_jobs
+    from langneurons.neurons import SPECIFIC, NeuronMap
+
+    L, N = 2, 48
+    classes = torch.zeros(L, N, dtype=torch.int8)
+    active = torch.zeros(2, L, N, dtype=torch.bool)
+    classes[0, :20] = SPECIFIC  # large sets: a draw that ignored the real set would overlap it
+    active[0, 0, :20] = True
+    classes[1, 20:40] = SPECIFIC
+    active[1, 1, 20:40] = True
+    nmap = NeuronMap(["a", "b"], classes, active, classes > 0)
+    act = torch.rand(L, N, generator=torch.Generator().manual_seed(1))
+    for kind in ("matched", "layer"):
+        jobs = _plan_jobs(nmap, ["a", "b"], ("specific",), kind, (0, 1, 2), act, 4)
+        real = {j.lang: j.mask for j in jobs if j.control is None}
+        ctrl = [j for j in jobs if j.control is not None]
+        assert len(ctrl) == 6 and {j.control for j in ctrl} == {kind}
+        for j in ctrl:
+            assert not (j.mask & real[j.lang]).any()
+            assert torch.equal(j.mask.sum(1), real[j.lang].sum(1))

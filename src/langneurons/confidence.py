@@ -892,6 +892,11 @@ def interval_cells(df: Any, metric: str = "nll") -> Any:
     """Per cell (neuron set, deactivated, evaluated) of ``ablation.parquet``: the delta, its
     bootstrap interval and its random control averaged over seeds with the spread.
 
+    This is the fallback for runs without per-document scores: the interval is the real set's
+    alone and ``excludes_control`` compares it with the control's MEAN, so the control's own
+    variance across seeds is ignored. `intervals.ablation_intervals` (per-document scores in
+    ``ablation_docs.parquet``) resamples documents and control seeds together; prefer it.
+
     Columns: neuron_set, deactivated_lang, eval_lang, delta, ci_low, ci_high, control_mean,
     control_sd (over seeds, ddof 1; NaN with one seed), control_min, control_max, control_seeds,
     excludes_control (the interval lies entirely above or below the control's mean; False
@@ -916,7 +921,8 @@ def interval_cells(df: Any, metric: str = "nll") -> Any:
     lo, hi, cm = merged["ci_low"], merged["ci_high"], merged["control_mean"]
     merged["excludes_control"] = (lo.notna() & hi.notna() & cm.notna() & ((cm < lo) | (cm > hi))).astype(bool)
     merged["control_seeds"] = merged["control_seeds"].fillna(0).astype("int64")
-    return merged[cols].reset_index(drop=True)
+    extra = [c for c in ("n_docs", "n_tokens", "n_resamples") if c in merged.columns]
+    return merged[cols + extra].reset_index(drop=True)
 
 
 # -- run directories ------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ class AblationConfig:
     """The intervention matrix: which neuron sets, controls, metrics and evaluation texts."""
 
     sets: tuple[str, ...] = DEFAULT_SETS
-    control: str = "layer"
+    control: str = "matched"
     control_seeds: tuple[int, ...] = (0, 1, 2)
+    control_bins: int = 20  # activity strata per layer of the matched control
     metrics: tuple[str, ...] = PPL_METRICS
     eval_corpus: Path | None = None  # held-out texts (default: the run's eval_corpus.jsonl)
     math_corpus: Path | None = None  # task problems for the accuracy metric
@@ -224,6 +225,8 @@ class AblationConfig:
         if self.control == "random":  # the name of the layer-matched control before 0.2
             self.control = "layer"
         self.control_seeds = parse_seeds(self.control_seeds)
+        require(isinstance(self.control_bins, int) and self.control_bins >= 1,
+                f"--control-bins must be an integer >= 1, got {self.control_bins}")
         self.metrics = tuple(self.metrics)
         bad = [m for m in self.metrics if m not in PPL_METRICS + ("accuracy",)]
         require(not bad and bool(self.metrics),

@@ -52,8 +52,8 @@ from torch import nn
 
 from .arch import locate_activations
 from .corpus import Example
-from .errors import CorpusError, LangNeuronsError
-from .intervene import deactivate, mask_key, random_control
+from .errors import CorpusError, LangNeuronsError, NeuronMapError
+from .intervene import deactivate, mask_key, matched_control, random_control
 from .io import atomic_write_text
 from .record import RecordConfig, encode_example
 
@@ -240,14 +240,19 @@ class _Job:
     lang: str  # deactivated language
     seed: int | None
     mask: torch.Tensor  # bool [L, N]
+    control: str | None = None  # "matched" | "layer" for control rows, None for real sets
 
     @property
     def key(self) -> bytes:
         return mask_key(self.mask)
 
 
+CONTROLS = ("matched", "layer")
+
+
 def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], control: str | None,
-               control_seeds: Sequence[int]) -> list[_Job]:
+               control_seeds: Sequence[int], activity: torch.Tensor | None = None, control_bins: int = 20,
+               match_info: list[dict] | None = None) -> list[_Job]:
     from .neurons import parse_classes
 
     jobs: list[_Job] = []
@@ -257,10 +262,30 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
         for lang in langs:
             real = nmap.language_mask(lang, classes)
             jobs.append(_Job(name, lang, None, real))
-            if control == "random":
-                for seed in control_seeds:
-                    rand = random_control(real, control_seed(seed, lang, name), exclude=real, strict=False)
-                    jobs.append(_Job(f"random:{name}", lang, int(seed), rand))
+            if control is None:
+                continue
+            for seed in control_seeds:
+                cseed = control_seed(seed, lang, name)
+                if control == "layer":
+                    rand = random_control(real, cseed, exclude=real, strict=False)
+                else:
+                    info: dict[str, Any] = {}
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # re-said below with the language and set
+                        rand = matched_control(real, activity, cseed, exclude=real,  # type: ignore[arg-type]
+                                               bins=control_bins, info=info)
+                    if info["shortfall"]:
+                        short = sum(x["needed"] - x["available"] for x in info["shortfall"])
+                        first = info["shortfall"][0]
+                        warnings.warn(f"matched control of {lang} {name} (seed {seed}): {short} neuron(s) could "
+                                      f"not be drawn from their activity stratum ({len(info['shortfall'])} strata "
+                                      f"too small, e.g. layer {first['layer']} needs {first['needed']}, has "
+                                      f"{first['available']}); the nearest-activity neurons of the layer stand in "
+                                      "(see stats['control_match'])", stacklevel=3)
+                    if match_info is not None:
+                        match_info.append({"neuron_set": name, "deactivated_lang": lang, "seed": int(seed),
+                                           "n_neurons": int(real.sum()), **info})
+                jobs.append(_Job(f"random:{name}", lang, int(seed), rand, control))
     return jobs
 
 
@@ -274,16 +299,37 @@ def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     return unique
 
 
-#: the stage layer's control names -> this module's (the layer-count control is "random" here)
-CONTROL_NAMES = {"layer": "random"}
-
-
-def _check_control(control: str | None) -> str | None:
+def _check_control(control: str | None, activity: torch.Tensor | None = None,
+                   shape: tuple[int, int] | None = None) -> str | None:
+    """Normalise the control kind: "matched" (activity-matched, needs ``activity``), "layer"
+    (per-layer counts only; "random" is its old name), or None ("none", "")."""
     if control in (None, "none", ""):
         return None
-    if control != "random":
-        raise LangNeuronsError(f"--control must be 'random' or 'none', got {control!r}")
+    if control == "random":
+        control = "layer"
+    if control not in CONTROLS:
+        raise LangNeuronsError(f"--control must be matched, layer or none, got {control!r}")
+    if control == "matched":
+        if activity is None:
+            raise LangNeuronsError("control='matched' needs the neurons' activity [layers, neurons] "
+                                   "(activity_from_probs(stats.probs())); or use control='layer'")
+        if shape is not None and tuple(torch.as_tensor(activity).shape) != tuple(shape):
+            raise NeuronMapError(f"the activity is {list(torch.as_tensor(activity).shape)} but the model has "
+                                 f"{shape[0]} layers x {shape[1]} neurons; it was recorded on another model")
     return control
+
+
+def plan_passes(nmap: Any, *, langs: Sequence[str] | None = None, neuron_sets: Sequence[str] = DEFAULT_SETS,
+                control: str | None = "matched", control_seeds: Sequence[int] = (0, 1, 2),
+                activity: torch.Tensor | None = None, control_bins: int = 20) -> int:
+    """The number of forward passes over the pooled held-out corpus that `ablation_matrix` will
+    run with these settings: 1 baseline + one per distinct non-empty mask (cheap: no model)."""
+    control = _check_control(control, activity)
+    langs = list(langs) if langs else list(nmap.languages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
+    return 1 + len(_distinct_masks(jobs))
 
 
 def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int = 0) -> tuple[float, float]:
@@ -310,12 +356,14 @@ def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int
 
 
 def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Mapping[str, Sequence[Example | str]],
-                    *, neuron_sets: Sequence[str] = DEFAULT_SETS, control: str | None = "random",
+                    *, neuron_sets: Sequence[str] = DEFAULT_SETS, control: str | None = "matched",
                     control_seeds: Sequence[int] = (0, 1, 2), metrics: Sequence[str] = METRICS,
                     batch_size: int = 8, progress: bool = True, langs: Sequence[str] | None = None,
                     scope: str = "auto", max_length: int | None = None, mode: str = "zero", factor: float = 0.0,
                     act_path: str | None = None, bootstrap: int = 0, separator: str = "\n",
-                    stats: dict[str, Any] | None = None) -> "Any":
+                    stats: dict[str, Any] | None = None, activity: torch.Tensor | None = None,
+                    control_bins: int = 20, documents: list[dict] | None = None,
+                    echo: Any = None) -> "Any":
     """The K x K intervention matrix in the ``ablation.parquet`` schema.
 
     Rows of the result: one per (deactivated language k, eval language j, neuron set, metric
@@ -323,15 +371,33 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     eval language for every DISTINCT non-empty mask: a set that is empty for k reuses the baseline
     (an empty mask is exactly the unpatched model), and identical masks (e.g. "specific" and
     "specific,related" when k has no related neurons) run once. ``stats`` (optional dict) receives
-    ``passes``, ``reused`` and ``seconds``.
+    ``passes``, ``reused``, ``seconds``, ``control`` and, for the matched control, ``control_match``
+    (per set, language and seed: mean activity of the real set and of the control, and any stratum
+    that was too small).
+
+    Controls (``control=``): ``"matched"`` (default) draws, per layer and activity stratum, as many
+    random neurons as the real set has there (`intervene.matched_control`; ``activity`` is the
+    [L, N] tensor of `intervene.activity_from_probs(stats.probs())`, ``control_bins`` the number
+    of quantile strata per layer); ``"layer"`` (old name ``"random"``) matches only the per-layer
+    counts; None runs no control. Control rows are named ``random:<set>`` and carry the kind in
+    the ``control`` column.
+
+    ``documents`` (optional list) receives one dict per (mask, evaluation document): neuron_set
+    ("none" for the unpatched baseline), deactivated_lang, seed, control, eval_lang, doc, nll
+    (summed nats), tokens, bytes -- what `confidence.ablation_intervals` resamples (written by the
+    pipeline as ``ablation_docs.parquet``).
+
+    ``echo`` (e.g. ``print``): after the baseline pass, one line with the time the remaining
+    passes will take at the speed just measured (`ablation_cost`), so a long matrix is said
+    before it runs.
     """
     metrics = [m for m in metrics if m != "accuracy"]
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise LangNeuronsError(f"unknown metric(s) {bad}; use nll, ppl, bpb (accuracy: accuracy_matrix)")
-    control = _check_control(control)
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
+    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     missing = [x for x in langs if x not in nmap.languages]
     if missing:
@@ -352,7 +418,8 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         docs[j] = [encode_for_eval(tokenizer, e, scopes[j], limit, separator) for e in examples]
         _warn_skipped(docs[j], scopes[j], f"{j}: ")
 
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
+    match_info: list[dict] = []
+    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
     unique = _distinct_masks(jobs)
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -383,9 +450,15 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     results: dict[tuple[bytes | None, str], EvalResult] = {}
     try:
         bar.set_postfix_str("baseline")
+        t_base = time.perf_counter()
         for j, res in score_all().items():
             results[(None, j)] = res
         bar.update(1)
+        if echo is not None and unique:
+            n_tok = sum(r.n_tokens for r in results.values())
+            speed = n_tok / max(time.perf_counter() - t_base, 1e-9)
+            echo(ablation_cost(len(unique), n_tok, speed).line().replace(" tok/s", " tok/s (measured on the "
+                                                                         "baseline pass)"))
         for key, job in unique.items():
             bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
             with deactivate(model, job.mask, mode=mode, factor=factor, sites=sites) as iv:  # type: ignore[arg-type]
@@ -410,16 +483,162 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                     lo, hi = _bootstrap(base, abl, m, bootstrap)
                 rows.append({"deactivated_lang": job.lang, "eval_lang": j, "neuron_set": job.neuron_set, "metric": m,
                              "base": b, "ablated": a, "delta": a - b, "n_tokens": base.n_tokens,
-                             "seed": job.seed, "n_neurons": n_neurons, "ci_low": lo, "ci_high": hi})
+                             "seed": job.seed, "n_neurons": n_neurons, "ci_low": lo, "ci_high": hi,
+                             "n_docs": base.n_docs, "n_resamples": int(bootstrap) if n_neurons else 0,
+                             "control": job.control})
+    if documents is not None:
+        def add_docs(res: EvalResult, j: str, job: _Job | None) -> None:
+            for d, (nll, tok, nb) in enumerate(zip(res.doc_nll, res.doc_tokens, res.doc_bytes)):
+                if tok > 0:
+                    documents.append({"neuron_set": "none" if job is None else job.neuron_set,
+                                      "deactivated_lang": None if job is None else job.lang,
+                                      "seed": None if job is None else job.seed,
+                                      "control": None if job is None else job.control, "eval_lang": j, "doc": d,
+                                      "nll": nll, "tokens": tok, "bytes": nb})
+        for j in eval_corpus:
+            add_docs(results[(None, j)], j, None)
+        for job in jobs:
+            key = job.key if job.mask.any() else None
+            for j in eval_corpus:
+                add_docs(results[(key, j)], j, job)
     if stats is not None:
         stats.update(passes=1 + len(unique), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3),
-                     scope={j: s for j, s in scopes.items()})
+                     scope={j: s for j, s in scopes.items()}, control=control or "none")
+        if control == "matched":
+            stats["control_match"] = match_info
+            stats["control_bins"] = control_bins
     return _frame(rows)
 
 
+# --------------------------------------------------------------------------------------------
+# sizing the held-out evaluation by tokens, and its cost said up front
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalSelection:
+    """Held-out documents picked per language up to a token budget (`select_eval_docs`)."""
+
+    by_lang: dict[str, list[Example]]
+    tokens: dict[str, int]  # scored tokens per language
+    available: dict[str, int]  # held-out documents that were offered per language
+    budget: int
+
+    @property
+    def docs(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.by_lang.items()}
+
+    @property
+    def tokens_per_pass(self) -> int:
+        """Scored tokens of one pass over the pooled corpus (every language at once)."""
+        return int(sum(self.tokens.values()))
+
+    def summary(self) -> dict[str, Any]:
+        return {"eval_tokens_per_lang": self.budget, "documents": self.docs, "tokens": dict(self.tokens),
+                "available": dict(self.available), "tokens_per_pass": self.tokens_per_pass}
+
+
+def select_eval_docs(tokenizer: Any, eval_corpus: Mapping[str, Sequence[Example | str]], tokens_per_lang: int, *,
+                     scope: str = "auto", max_length: int = 4096, separator: str = "\n",
+                     min_docs: int = 10) -> EvalSelection:
+    """Pick held-out documents per language, in their given order, until the next one would
+    take the language past ``tokens_per_lang`` scored tokens (the same tokens the ablation
+    scores: `encode_for_eval`). At least one document per language, even when it alone is over
+    the budget. Documents without a scored token are skipped.
+
+    Why tokens, not documents: the cost of a pass is its number of tokens, and languages whose
+    script the tokenizer splits finely would otherwise cost several times more. Why many short
+    documents rather than a few long ones: the bootstrap resamples documents, so the number of
+    documents (not tokens) decides whether an interval means anything. A language left with
+    fewer than ``min_docs`` documents gets a warning naming it."""
+    if tokens_per_lang < 1:
+        raise LangNeuronsError(f"--eval-tokens-per-lang must be >= 1, got {tokens_per_lang}")
+    out: dict[str, list[Example]] = {}
+    tokens: dict[str, int] = {}
+    available: dict[str, int] = {}
+    for lang, items in eval_corpus.items():
+        examples = [_as_example(x) for x in items]
+        sc = _resolve_scope(examples, scope)
+        picked: list[Example] = []
+        total = 0
+        for ex in examples:
+            n = sum(encode_for_eval(tokenizer, ex, sc, max_length, separator).scored)
+            if n == 0:
+                continue
+            if picked and total + n > tokens_per_lang:
+                break
+            picked.append(ex)
+            total += n
+        out[lang], tokens[lang], available[lang] = picked, total, len(examples)
+    few = {k: len(v) for k, v in out.items() if len(v) < min_docs}
+    if few:
+        warnings.warn(f"{len(few)} language(s) have fewer than {min_docs} evaluation documents within "
+                      f"{tokens_per_lang:,} tokens ({', '.join(f'{k}: {n}' for k, n in few.items())}); their "
+                      "intervals will be rough: raise --eval-tokens-per-lang or hold out more (shorter) documents",
+                      stacklevel=2)
+    return EvalSelection(out, tokens, available, int(tokens_per_lang))
+
+
+def eval_cost_factor(model: nn.Module) -> float:
+    """How much more one evaluated token costs than one recorded token, from the parameter
+    counts: recording runs the body only (no LM head), evaluation adds the LM head
+    (vocabulary x hidden multiply-adds per token). A first-order estimate (it ignores the
+    log-softmax over the vocabulary and attention's length term); the measured ratio belongs in
+    ``ablation_cost(factor=...)`` when known. Measured on Gemma 3 270M (262,144-token
+    vocabulary, CPU): this ratio is 2.67, the measured one 3.8 (the log-softmax over the
+    vocabulary is memory-bound), so for large vocabularies treat it as a lower bound and trust the
+    re-estimate `ablation_matrix(echo=...)` prints after its baseline pass."""
+    emb = model.get_input_embeddings().weight
+    vocab, hidden = int(emb.shape[0]), int(emb.shape[1])
+    seen: set[int] = set()
+    body = 0
+    out_emb = model.get_output_embeddings()
+    skip = {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        body += p.numel()
+    return (body + vocab * hidden) / max(body, 1)
+
+
+@dataclass
+class CostEstimate:
+    passes: int
+    tokens_per_pass: int
+    tokens_per_second: float  # measured while recording
+    factor: float  # evaluation cost per token relative to recording
+
+    @property
+    def seconds(self) -> float:
+        return self.passes * self.tokens_per_pass * self.factor / max(self.tokens_per_second, 1e-9)
+
+    def line(self) -> str:
+        """e.g. "61 passes x 12,000 tokens ≈ 7 min at 1,700 tok/s (recording speed; x2.7 per evaluated token)"."""
+        sec = self.seconds
+        when = f"{sec:.0f} s" if sec < 90 else (f"{sec / 60:.0f} min" if sec < 5400 else f"{sec / 3600:.1f} h")
+        extra = "" if abs(self.factor - 1) < 1e-9 else f" (recording speed; x{self.factor:.2g} per evaluated token)"
+        return (f"{self.passes:,} passes x {self.tokens_per_pass:,} tokens ≈ {when} at "
+                f"{self.tokens_per_second:,.0f} tok/s{extra}")
+
+
+def ablation_cost(passes: int, tokens_per_pass: int, tokens_per_second: float, *, factor: float = 1.0,
+                  echo: Any = None) -> CostEstimate:
+    """The time the ablation matrix will take, said before it starts: ``passes`` from
+    `plan_passes`, ``tokens_per_pass`` from `EvalSelection.tokens_per_pass`, ``tokens_per_second``
+    measured while recording, ``factor`` from `eval_cost_factor` (or measured). ``echo`` (e.g.
+    ``print``) receives the line."""
+    if passes < 0 or tokens_per_pass < 0:
+        raise LangNeuronsError("passes and tokens per pass must be >= 0")
+    if not tokens_per_second or tokens_per_second <= 0 or not math.isfinite(tokens_per_second):
+        raise LangNeuronsError(f"tokens per second must be a positive number, got {tokens_per_second}")
+    est = CostEstimate(int(passes), int(tokens_per_pass), float(tokens_per_second), float(factor))
+    if echo is not None:
+        echo(est.line())
+    return est
+
+
 COLUMNS = ["deactivated_lang", "eval_lang", "neuron_set", "metric", "base", "ablated", "delta", "n_tokens",
-           "seed", "n_neurons", "ci_low", "ci_high"]
+           "seed", "n_neurons", "ci_low", "ci_high", "n_docs", "n_resamples", "control"]
 
 
 def _frame(rows: list[dict]) -> Any:
@@ -427,6 +646,9 @@ def _frame(rows: list[dict]) -> Any:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
+    for c in ("n_docs", "n_resamples"):
+        df[c] = df[c].fillna(0).astype("int64")
+    df["control"] = df["control"].astype("object")
     df["n_tokens"] = df["n_tokens"].astype("int64")
     df["n_neurons"] = df["n_neurons"].astype("int64")
     for c in ("base", "ablated", "delta", "ci_low", "ci_high"):
@@ -752,19 +974,22 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
                     progress: bool = True, langs: Sequence[str] | None = None, chat: bool | None = None,
                     prompt_template: str = "{question}", detect_languages: Sequence[str] | None = None,
                     act_path: str | None = None, generations: list[dict] | None = None,
-                    positions: str = "all", stats: dict[str, Any] | None = None) -> Any:
+                    positions: str = "all", stats: dict[str, Any] | None = None,
+                    activity: torch.Tensor | None = None, control_bins: int = 20) -> Any:
     """MGSM-style accuracy matrix: greedy generation with language k's neurons zeroed (all
     positions, or only the new tokens with ``positions="generated"``) for every eval language j,
     scored with `score_math`. Metrics: ``accuracy``
     (number right AND in j's language), ``number_accuracy``, ``language_accuracy``; n_tokens holds
-    the number of problems. ``generations`` (a list) receives one JSONL row per generation."""
-    control = _check_control(control)
+    the number of problems. ``generations`` (a list) receives one JSONL row per generation.
+    ``control``/``activity``/``control_bins`` as in `ablation_matrix` (no control by default:
+    generation is expensive)."""
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
+    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     det_langs = tuple(sorted(set(detect_languages or DEFAULT_DETECT_LANGUAGES) | set(map(_primary, math_corpus))))
     language_detector(det_langs)  # fail early on languages lingua does not know
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds)
+    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
     unique = _distinct_masks(jobs)
     from tqdm.auto import tqdm
 
@@ -816,7 +1041,8 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
                 rows.append({"deactivated_lang": job.lang, "eval_lang": j, "neuron_set": job.neuron_set,
                              "metric": metric, "base": b, "ablated": a, "delta": a - b, "n_tokens": len(base),
                              "seed": job.seed, "n_neurons": n_neurons, "ci_low": float("nan"),
-                             "ci_high": float("nan")})
+                             "ci_high": float("nan"), "n_docs": len(base), "n_resamples": 0,
+                             "control": job.control})
     if stats is not None:
         stats.update(generation_cells=len(math_corpus) * (1 + len(unique)), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3))

@@ -59,7 +59,8 @@ Positions = Literal["all", "generated"]
 #: a mask: bool [L, N], or one index tensor per layer
 MaskLike = torch.Tensor | Sequence[torch.Tensor]
 
-__all__ = ["deactivate", "Intervention", "random_control", "as_indices", "mask_size", "mask_key"]
+__all__ = ["deactivate", "Intervention", "random_control", "matched_control", "activity_from_probs",
+           "activity_strata", "as_indices", "mask_size", "mask_key"]
 
 
 def as_indices(mask: MaskLike, num_layers: int, num_neurons: int) -> list[torch.Tensor]:
@@ -334,6 +335,148 @@ def random_control(mask: MaskLike, seed: int, *, exclude: MaskLike | None = None
             extra = rest[torch.randperm(rest.numel(), generator=gen)[:count - pool.numel()]]
             chosen = torch.cat([chosen, extra])
         out.append(torch.sort(chosen).values)
+    if is_bool:
+        result = torch.zeros(L, N, dtype=torch.bool)
+        for layer, idx in enumerate(out):
+            result[layer, idx] = True
+        return result
+    return out
+
+
+
+# --------------------------------------------------------------------------------------------
+# the activity-matched control
+# --------------------------------------------------------------------------------------------
+ACTIVITY = ("max", "mean")
+
+
+def activity_from_probs(probs: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """The [L, N] activity of every neuron from the run's firing probabilities p[k, l, n]
+    (``ActivationStats.probs()``), used to stratify the matched control.
+
+    ``"max"`` (default): the neuron's firing rate in its busiest language. Neurons are selected
+    because p > τ in *some* language, so this is the quantity the selection is biased on; a
+    control matched on it is as busy, in its busiest language, as the real set. ``"mean"``: the
+    mean rate over languages (a language-specific neuron then looks quiet)."""
+    probs = torch.as_tensor(probs)
+    if probs.dim() != 3:
+        raise LangNeuronsError(f"activity needs probabilities [languages, layers, neurons], got shape "
+                               f"{list(probs.shape)}")
+    if how not in ACTIVITY:
+        raise LangNeuronsError(f"unknown activity {how!r}; use max or mean")
+    p = probs.float()
+    return (p.amax(0) if how == "max" else p.mean(0)).cpu()
+
+
+def activity_strata(activity: torch.Tensor, bins: int = 20) -> torch.Tensor:
+    """Stratum id (int64 [L, N]) of every neuron: quantile bins of ``activity`` WITHIN its layer.
+
+    Edges are the layer's quantiles at 1/bins, 2/bins, ...; a neuron's stratum is the number of
+    edges strictly below its activity, so equal activities share a stratum and tied quantiles
+    (e.g. many neurons that never fire) merge bins instead of splitting equal neurons apart.
+    Quantile bins adapt to each layer's distribution: layers differ a lot in how often their
+    neurons fire, so fixed thresholds would put whole layers into one bin."""
+    act = torch.as_tensor(activity).double()
+    if act.dim() != 2:
+        raise LangNeuronsError(f"activity must be [layers, neurons], got shape {list(act.shape)}")
+    if not torch.isfinite(act).all():
+        raise LangNeuronsError("activity has NaN or infinite values; pass firing probabilities in [0, 1]")
+    if bins < 1:
+        raise LangNeuronsError(f"control bins must be >= 1, got {bins}")
+    qs = torch.arange(1, bins, dtype=torch.float64) / bins
+    out = torch.empty(act.shape, dtype=torch.int64)
+    for layer in range(act.shape[0]):
+        edges = torch.unique(torch.quantile(act[layer], qs)) if bins > 1 else act.new_empty(0)
+        # number of edges strictly below the value (right=False: value == edge stays below it)
+        out[layer] = torch.bucketize(act[layer], edges, right=False)
+    return out
+
+
+def matched_control(mask: MaskLike, activity: torch.Tensor, seed: int, *, exclude: MaskLike | None = None,
+                    bins: int = 20, strict: bool = False, info: dict[str, Any] | None = None) -> Any:
+    """Random neurons matched to ``mask`` on layer AND activity: for every layer and activity
+    stratum (`activity_strata`), as many neurons as the real set has there, drawn uniformly from
+    the stratum's neurons outside ``exclude`` (pass the real set).
+
+    Why: the selected neurons fire far more often than a random neuron of their layer (p > τ by
+    construction), and a neuron that fires a lot often matters for every language. A control
+    matched only on per-layer counts then makes "busy" look like "language"; this one asks
+    whether the real set hurts more than equally busy neurons of the same layers.
+
+    A stratum with fewer candidates than needed is never filled silently: ``strict=True`` raises
+    `NeuronMapError` naming the layer, stratum and numbers; otherwise the missing neurons are the
+    not-excluded neurons of the same layer with the nearest activity (ties broken at random), a
+    `UserWarning` gives the numbers, and ``info["shortfall"]`` lists them. ``info`` (optional
+    dict) also receives the mean activity of the real set and of the control, so the quality of
+    the match is on record. Returns the same kind as ``mask`` (like `random_control`).
+    Reproducible: one seeded `torch.Generator`, layers and strata in order.
+    """
+    is_bool = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    act = torch.as_tensor(activity).detach().cpu().double()
+    if act.dim() != 2:
+        raise LangNeuronsError(f"activity must be [layers, neurons], got shape {list(act.shape)}")
+    L, N = int(act.shape[0]), int(act.shape[1])
+    if is_bool and tuple(mask.shape) != (L, N):  # type: ignore[union-attr]
+        raise NeuronMapError(f"the mask is {list(mask.shape)} but the activity is {[L, N]}; "  # type: ignore[union-attr]
+                             "they were made for different models")
+    indices = as_indices(mask, L, N)
+    excluded = as_indices(exclude, L, N) if exclude is not None else [torch.empty(0, dtype=torch.int64)] * L
+    strata = activity_strata(act, bins)
+    gen = torch.Generator().manual_seed(int(seed))
+    out: list[torch.Tensor] = []
+    shortfall: list[dict[str, Any]] = []
+    for layer in range(L):
+        idx = indices[layer]
+        allowed = torch.ones(N, dtype=torch.bool)
+        allowed[excluded[layer]] = False
+        chosen: list[torch.Tensor] = []
+        need_extra = 0
+        if idx.numel():
+            s_real = strata[layer, idx]
+            for s in torch.unique(s_real).tolist():
+                count = int((s_real == s).sum())
+                pool = (allowed & (strata[layer] == s)).nonzero().flatten()
+                take = pool[torch.randperm(pool.numel(), generator=gen)[:count]]
+                allowed[take] = False
+                chosen.append(take)
+                if count > pool.numel():
+                    lo = float(act[layer, strata[layer] == s].min())
+                    hi = float(act[layer, strata[layer] == s].max())
+                    shortfall.append({"layer": layer, "stratum": int(s), "needed": count, "available": int(pool.numel()),
+                                      "activity_range": [round(lo, 4), round(hi, 4)]})
+                    need_extra += count - int(pool.numel())
+        if need_extra:
+            if strict:
+                sf = [x for x in shortfall if x["layer"] == layer]
+                raise NeuronMapError(
+                    f"layer {layer}: activity stratum {sf[0]['stratum']} (activity {sf[0]['activity_range'][0]:.3g}-"
+                    f"{sf[0]['activity_range'][1]:.3g}) needs {sf[0]['needed']} control neurons but has only "
+                    f"{sf[0]['available']} outside the real set; use fewer control bins or strict=False")
+            pool = allowed.nonzero().flatten()
+            if pool.numel() < need_extra:
+                raise NeuronMapError(f"layer {layer}: cannot draw {idx.numel()} matched control neurons, only "
+                                     f"{int(idx.numel()) - need_extra + pool.numel()} are outside the real set; "
+                                     "use control='layer' with strict=False for sets covering most of a layer")
+            # nearest activity to the real neurons left unmatched (their mean), random tie order
+            target = float(act[layer, idx].mean())
+            jitter = torch.rand(pool.numel(), generator=gen, dtype=torch.float64) * 1e-12
+            dist = (act[layer, pool] - target).abs() + jitter
+            chosen.append(pool[torch.argsort(dist)[:need_extra]])
+        picked = torch.sort(torch.cat(chosen)).values if chosen else torch.empty(0, dtype=torch.int64)
+        out.append(picked)
+    if shortfall:
+        total = sum(x["needed"] - x["available"] for x in shortfall)
+        first = shortfall[0]
+        warnings.warn(f"matched control: {len(shortfall)} activity stratum/strata had too few neurons outside the "
+                      f"real set ({total} neuron(s) short; e.g. layer {first['layer']} needs {first['needed']}, has "
+                      f"{first['available']}); the missing ones are the nearest-activity neurons of the same layer",
+                      stacklevel=2)
+    if info is not None:
+        real_act = torch.cat([act[layer, i] for layer, i in enumerate(indices)])
+        ctrl_act = torch.cat([act[layer, i] for layer, i in enumerate(out)])
+        info.update(bins=bins, shortfall=shortfall,
+                    activity_real=float(real_act.mean()) if real_act.numel() else float("nan"),
+                    activity_control=float(ctrl_act.mean()) if ctrl_act.numel() else float("nan"))
     if is_bool:
         result = torch.zeros(L, N, dtype=torch.bool)
         for layer, idx in enumerate(out):

@@ -40,8 +40,11 @@ class RunConfig:
     bar: float = 0.95
     lam: str | float = "auto"
     neuron_sets: tuple[str, ...] = DEFAULT_SETS
-    control: str = "layer"
+    control: str = "matched"
     control_seeds: tuple[int, ...] = (0, 1, 2)
+    control_bins: int = 20
+    ablation_langs: list[str] | None = None  # rows and columns of the matrix (default: all languages)
+    eval_tokens_per_lang: int | None = 2000  # held-out tokens per language for the ablation (None: all)
     metrics: tuple[str, ...] = ("nll", "ppl", "bpb")
     batch_size: int = 8
     max_tokens_per_lang: int | None = None
@@ -69,6 +72,7 @@ class RunConfig:
 
     def ablation_config(self) -> AblationConfig:
         return AblationConfig(sets=self.neuron_sets, control=self.control, control_seeds=self.control_seeds,
+                              control_bins=self.control_bins, langs=self.ablation_langs,
                               metrics=self.metrics, batch_size=self.batch_size, scope=self.scope,
                               bootstrap=self.bootstrap, progress=self.progress, force=self.force,
                               model=self.model_config())
@@ -86,6 +90,12 @@ class RunConfig:
         require(self.lens_docs >= 0, f"--lens-docs must be >= 0 (0: no logit lens), got {self.lens_docs}")
         require(self.lens_max_length >= 2, f"--lens-max-length must be >= 2, got {self.lens_max_length}")
         require(self.langs is None or len(self.langs) >= 2, f"--langs needs at least 2 languages, got {self.langs}")
+        require(self.ablation_langs is None or len(self.ablation_langs) >= 1,
+                f"--ablation-langs needs at least 1 language, got {self.ablation_langs}")
+        require(self.ablation_langs is None or self.langs is None or set(self.ablation_langs) <= set(self.langs),
+                f"--ablation-langs {self.ablation_langs} must be among --langs {self.langs}")
+        require(self.eval_tokens_per_lang is None or self.eval_tokens_per_lang >= 1,
+                f"--eval-tokens-per-lang must be >= 1, got {self.eval_tokens_per_lang}")
         ident = self.identify_config().validate()
         self.lam = ident.lam
         abl = self.ablation_config().validate()
@@ -118,11 +128,12 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
     timer = StageTimer()
     kind = "qa" if cfg.scope == "response" else "text"
     corpus = load_corpus(cfg.corpus, cfg.langs, kind=kind)  # type: ignore[arg-type]
-    split = SplitStage(run, corpus, cfg.holdout, kind=kind, max_eval_docs=cfg.max_eval_docs, by="run")
-    id_corpus, eval_corpus = split.run_stage(force=cfg.force)
-
     loaded = timer.run("load model", lambda: cfg.model_config().validate().load(), echo)
     echo(f"model {loaded.source}: {type(loaded.model).__name__}, {loaded.dtype}")
+    split = SplitStage(run, corpus, cfg.holdout, kind=kind, max_eval_docs=cfg.max_eval_docs,
+                       eval_langs=cfg.ablation_langs, eval_tokens_per_lang=cfg.eval_tokens_per_lang,
+                       tokenizer=loaded.tokenizer, by="run")
+    id_corpus, eval_corpus = split.run_stage(force=cfg.force)
     align_info = read_align_info(loaded.resolved_path)  # an aligned checkpoint says which languages it saw
     if align_info:
         run.update_manifest({"align": {k: align_info.get(k) for k in (

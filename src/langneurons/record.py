@@ -677,6 +677,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     distributed.agree(check_run_dir)
     recorder.identity = partial_identity(base_meta["model_fingerprint"], base_meta["dtype"], base_meta["hook_point"])
     parts: list[LanguageStats] = []
+    speed = [0, 0.0]  # counted tokens and seconds of the languages counted in this call
     for lang in corpus.languages:
         path = run.stats_path(lang)
         meta = dict(base_meta, corpus_fingerprint=corpus.fingerprint(lang), corpus=corpus.source)
@@ -714,7 +715,10 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
             if rank == 0:
                 _remove_partials(run.stats_dir, lang)
             distributed.barrier()
+        t_lang = time.perf_counter()
         stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
+        speed[0] += stats.tokens
+        speed[1] += time.perf_counter() - t_lang
         stats.meta = dict(meta, buckets=stats.num_buckets)  # 0 when a resumed partial lost them
         if rank == 0:
             with _writing(run.stats_path(lang)):
@@ -735,7 +739,8 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                                                     "num_layers", "num_neurons", "dtype", "revision")},
                 "versions": base_meta["versions"],
             })
-            _commit_record_stage(run, parts, config, corpus, base_meta, world, by, time.perf_counter() - t_start)
+            _commit_record_stage(run, parts, config, corpus, base_meta, world, by, time.perf_counter() - t_start,
+                                 speed[0] / speed[1] if speed[1] > 0 and speed[0] else None)
     distributed.barrier()
     if rank == 0:  # every rank is done writing: clear what killed runs left behind
         _remove_leftovers(run.stats_dir)
@@ -788,13 +793,18 @@ def resume_key(meta: dict[str, Any]) -> str:
 
 
 def _commit_record_stage(run: RunDir, parts: Sequence[LanguageStats], config: RecordConfig, corpus: Corpus,
-                         base_meta: dict[str, Any], world: int, by: str, seconds: float) -> None:
-    """The ``record`` stage's manifest record: per-language keys, stats checksums, settings."""
+                         base_meta: dict[str, Any], world: int, by: str, seconds: float,
+                         tokens_per_second: float | None) -> None:
+    """The ``record`` stage's manifest record: per-language keys, stats checksums, settings, and
+    the counting speed (what the ablation's cost estimate starts from; kept from the last call
+    that counted anything)."""
     from .stage import commit_stage
 
     inputs = {"languages": {p.lang: resume_key(p.meta) for p in parts}}
     section = {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
                "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
-               "buckets": {p.lang: p.num_buckets for p in parts}, "shard": base_meta["shard"], "processes": world}
+               "buckets": {p.lang: p.num_buckets for p in parts}, "shard": base_meta["shard"], "processes": world,
+               "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second
+               else run.stage_result("record").get("tokens_per_second")}
     commit_stage(run, "record", inputs, [run.stats_path(p.lang) for p in parts], section, seconds, by=by,
                  stage_versions=base_meta["versions"])

@@ -50,23 +50,46 @@ class SplitStage(Stage[tuple[Corpus, Corpus]]):
     name = "split"
 
     def __init__(self, run: RunDir | str | Path, corpus: Corpus, holdout: float, *, kind: str = "text",
-                 max_eval_docs: int | None = None, by: str = ""):
+                 max_eval_docs: int | None = None, eval_langs: Sequence[str] | None = None,
+                 eval_tokens_per_lang: int | None = None, tokenizer: Any = None, by: str = ""):
         super().__init__(run, by=by)
         self.corpus, self.holdout, self.kind, self.max_eval_docs = corpus, holdout, kind, max_eval_docs
+        self.eval_langs = list(eval_langs) if eval_langs else None
+        self.eval_tokens_per_lang, self.tokenizer = eval_tokens_per_lang, tokenizer
+        self.selection: Any = None
+        if eval_tokens_per_lang and tokenizer is None:
+            raise LangNeuronsError("a token budget for the held-out documents needs the tokenizer")
 
     def inputs(self) -> dict[str, Any]:
         return {"source": self.corpus.source, "kind": self.kind, "holdout": self.holdout,
-                "max_eval_docs": self.max_eval_docs,
+                "max_eval_docs": self.max_eval_docs, "eval_langs": self.eval_langs,
+                "eval_tokens_per_lang": self.eval_tokens_per_lang,
+                "tokenizer": None if self.tokenizer is None else getattr(self.tokenizer, "name_or_path", "")
+                and input_key(sorted(self.tokenizer.get_vocab().items()))[:16],
                 "corpus": {lang: self.corpus.fingerprint(lang) for lang in self.corpus.languages}}
 
     def compute(self) -> tuple[Corpus, Corpus]:
         id_corpus, eval_corpus = self.corpus.split(self.holdout)
+        by_lang = eval_corpus.by_lang
+        if self.eval_langs:
+            missing = [x for x in self.eval_langs if x not in by_lang]
+            if missing:
+                raise LangNeuronsError(f"--ablation-langs {','.join(missing)} are not in the corpus "
+                                       f"(it has {','.join(by_lang)})")
+            by_lang = {x: by_lang[x] for x in self.eval_langs}
         if self.max_eval_docs:
-            eval_corpus = Corpus({k: v[: self.max_eval_docs] for k, v in eval_corpus.by_lang.items()},
-                                 eval_corpus.source)
-        return id_corpus, eval_corpus
+            by_lang = {k: v[: self.max_eval_docs] for k, v in by_lang.items()}
+        if self.eval_tokens_per_lang:
+            from .evaluate import select_eval_docs
 
-    def load(self) -> tuple[Corpus, Corpus]:
+            self.selection = select_eval_docs(self.tokenizer, by_lang, self.eval_tokens_per_lang,
+                                              scope="response" if self.kind == "qa" else "all")
+            by_lang = self.selection.by_lang
+        return id_corpus, Corpus(by_lang, eval_corpus.source)
+
+    def load(self) -> tuple[Corpus, Corpus] | None:
+        if self.eval_tokens_per_lang:
+            return None  # the selection tokenizes: cheap enough, and its summary belongs in the record
         return self.compute()  # cheap and deterministic; only the file write is skipped
 
     def write(self, result: tuple[Corpus, Corpus]) -> tuple[list[Path], dict[str, Any]]:
@@ -79,6 +102,8 @@ class SplitStage(Stage[tuple[Corpus, Corpus]]):
                    "documents": {k: len(v) for k, v in eval_corpus.by_lang.items()},
                    "identification_documents": {k: len(v) for k, v in id_corpus.by_lang.items()},
                    "identification_corpus": {k: id_corpus.fingerprint(k) for k in id_corpus.languages}}
+        if self.selection is not None:
+            section["selection"] = self.selection.summary()
         return [path], section
 
 
@@ -171,8 +196,8 @@ class AnatomyStage(Stage[Any]):
 ROW_KEY = ("metric", "neuron_set", "deactivated_lang", "eval_lang", "seed")
 #: columns that say what a row was computed from: a row is current only if they match the plan
 PROVENANCE = ("neurons_sha256",  # NeuronMap.fingerprint() of the map the rows were computed with
- "model_fingerprint", "eval_sha256", "scope", "control", "bootstrap", "mode",
-              "positions", "max_length")
+              "model_fingerprint", "eval_sha256", "scope", "control", "control_bins", "bootstrap",
+              "mode", "positions", "max_length")
 
 
 def texts_fingerprint(by_lang: Mapping[str, Sequence[Example]]) -> str:
@@ -224,6 +249,7 @@ class AblationStage:
             raise LangNeuronsError(f"--langs {','.join(unknown)} not in the neuron map ({','.join(self.nmap.languages)})")
         self.langs = list(config.langs or self.nmap.languages)
         self.texts, self.problems = self._read_corpora(eval_corpus)
+        self._activity: Any = None
 
     # -- inputs --------------------------------------------------------------------------------
     def _read_corpora(self, given: Mapping[str, Sequence[Example]] | None
@@ -264,7 +290,8 @@ class AblationStage:
             scope = "response" if examples and all(getattr(e, "is_pair", False) for e in examples) else "all"
         return {"neurons_sha256": self.neurons_sha256, "model_fingerprint": model_fingerprint or "",
                 "eval_sha256": texts_fingerprint(corpus or {}), "scope": scope if ppl else "generate",
-                "control": cfg.control, "bootstrap": cfg.bootstrap if ppl else 0, "mode": "zero",
+                "control": cfg.control, "control_bins": cfg.control_bins if cfg.control == "matched" else 0,
+                "bootstrap": cfg.bootstrap if ppl else 0, "mode": "zero",
                 "positions": "all" if ppl else cfg.positions,
                 "max_length": cfg.max_length or 0 if ppl else cfg.max_new_tokens}
 
@@ -308,7 +335,7 @@ class AblationStage:
                                    "recompute the matrix") from None
 
     # -- run -------------------------------------------------------------------------------------
-    def run_stage(self, loaded: Any = None, *, echo: Echo = _quiet, estimate: Callable[..., str] | None = None) -> Any:
+    def run_stage(self, loaded: Any = None, *, echo: Echo = _quiet) -> Any:
         """Compute the stale parts (loading the model only if something is stale), merge, write."""
         import pandas as pd
 
@@ -335,10 +362,14 @@ class AblationStage:
         for family in families:
             if not stale[family]:
                 continue
-            df, st = self._compute(loaded, family, stale[family], echo, estimate)
+            df, st = self._compute(loaded, family, stale[family], echo)
             for col, value in self.provenance(family, fp).items():
                 df[col] = value
             frames.append(df)
+            match = st.pop("control_match", None) or []
+            if match:  # one entry per set x language x seed: keep the shortfalls only
+                st["control_shortfalls"] = [m for m in match if m.get("shortfall")]
+                st["control_draws"] = len(match)
             info[family] = {**st, "sets": stale[family]}
         new = pd.concat(frames, ignore_index=True)
         merged = merge_rows(old, new, self.neurons_sha256)
@@ -351,17 +382,37 @@ class AblationStage:
         echo(f"[ablate] done in {seconds:.1f} s")
         return merged
 
-    def _compute(self, loaded: Any, family: str, sets: list[str], echo: Echo,
-                 estimate: Callable[..., str] | None) -> tuple[Any, dict[str, Any]]:
+    def activity(self) -> Any:
+        """[L, N] firing rate of every neuron in its busiest language (the matched control's
+        strata), from the run's stats of the map's languages."""
+        if self.config.control != "matched":
+            return None
+        if self._activity is None:
+            from .intervene import activity_from_probs
+            from .stats import ActivationStats
+
+            try:
+                stats = ActivationStats.load(self.run.path, list(self.nmap.languages), buckets=False)
+            except LangNeuronsError as exc:
+                raise LangNeuronsError(f"the matched control needs the run's stats ({exc}); or use --control layer") \
+                    from None
+            self._activity = activity_from_probs(stats.probs())
+        return self._activity
+
+    def _compute(self, loaded: Any, family: str, sets: list[str], echo: Echo) -> tuple[Any, dict[str, Any]]:
         from .evaluate import ablation_matrix, accuracy_matrix, write_generations
 
         cfg, st = self.config, {}
-        common = dict(neuron_sets=sets, control=_evaluate_control(cfg.control), control_seeds=cfg.control_seeds,
+        common = dict(neuron_sets=sets, control=cfg.control_or_none, control_seeds=cfg.control_seeds,
                       batch_size=cfg.batch_size, progress=cfg.progress, langs=self.langs, act_path=cfg.model.act_path,
-                      stats=st)
+                      stats=st, activity=self.activity(), control_bins=cfg.control_bins)
         if family == "ppl":
+            docs: list[dict] = []
+            self._say_cost(loaded, sets, echo)
             df = ablation_matrix(loaded.model, loaded.tokenizer, self.nmap, self.texts, metrics=cfg.ppl_metrics,
-                                 scope=cfg.scope, max_length=cfg.max_length, bootstrap=cfg.bootstrap, **common)
+                                 scope=cfg.scope, max_length=cfg.max_length, bootstrap=cfg.bootstrap,
+                                 documents=docs, echo=echo, **common)
+            self._write_documents(docs, sets)
             return df, st
         generations: list[dict] = []
         df = accuracy_matrix(loaded.model, loaded.tokenizer, self.nmap, self.problems, max_new_tokens=cfg.max_new_tokens,
@@ -369,12 +420,60 @@ class AblationStage:
         write_generations(self.run.generations_path, generations)
         return df, st
 
+    def _say_cost(self, loaded: Any, sets: list[str], echo: Echo) -> None:
+        """Before the matrix starts: passes x tokens per pass and the time they will take at the
+        speed measured while recording (the matrix re-estimates after its baseline pass)."""
+        from .evaluate import ablation_cost, eval_cost_factor, plan_passes, select_eval_docs
+
+        cfg = self.config
+        passes = plan_passes(self.nmap, langs=self.langs, neuron_sets=sets, control=cfg.control_or_none,
+                             control_seeds=cfg.control_seeds, activity=self.activity(), control_bins=cfg.control_bins)
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            tokens = select_eval_docs(loaded.tokenizer, self.texts or {}, 1 << 40, scope=cfg.scope, min_docs=0)
+        speed = self.run.stage_result("record").get("tokens_per_second")
+        docs = ", ".join(f"{k} {len(v)}" for k, v in (self.texts or {}).items())
+        if speed:
+            ablation_cost(passes, tokens.tokens_per_pass, float(speed), factor=eval_cost_factor(loaded.model),
+                          echo=lambda line: echo(f"[ablate] {line} (documents per language: {docs})"))
+        else:
+            echo(f"[ablate] {passes} passes x {tokens.tokens_per_pass:,} tokens (documents per language: {docs}); "
+                 "the time is estimated after the baseline pass")
+
+    def _write_documents(self, rows: list[dict], sets: list[str]) -> None:
+        """Per-document scores (the intervals' input, ablation_docs.parquet), merged like the rows:
+        only documents of the current evaluation texts and neuron map are kept; the recomputed sets
+        (and the baseline) replace their old rows."""
+        import pandas as pd
+
+        from .intervals import DOCS_FILE, documents_frame
+
+        new = documents_frame(rows)
+        new["neurons_sha256"] = self.neurons_sha256
+        new["eval_sha256"] = texts_fingerprint(self.texts or {})
+        path = self.run.path / DOCS_FILE
+        old = None
+        if path.exists() and not self.config.force:
+            try:
+                old = pd.read_parquet(path)
+            except Exception:  # noqa: BLE001 - a damaged per-document file is recomputed, never read
+                old = None
+        if old is not None and {"neurons_sha256", "eval_sha256"} <= set(old.columns):
+            same = (old["neurons_sha256"] == self.neurons_sha256) & (old["eval_sha256"] == new["eval_sha256"].iloc[0]) \
+                if len(new) else old["neurons_sha256"] == self.neurons_sha256
+            base = old["neuron_set"].astype(str).str.removeprefix("random:")
+            keep = old[same & ~base.isin(set(sets) | set(map(str, new["neuron_set"].unique())))]
+            new = pd.concat([keep, new], ignore_index=True)
+        atomic_write(path, lambda p: new.to_parquet(p, index=False))
+        self._documents_path = path
+
     def _commit(self, df: Any, info: dict[str, Any], figures: list[Path], seconds: float) -> None:
         cfg = self.config
         parts = df[[c for c in ("metric", *PROVENANCE) if c in df.columns]].drop_duplicates()
         section = {"rows": int(len(df)), "metrics": sorted(set(map(str, df["metric"]))),
                    "neuron_sets": sorted(set(str(s) for s in df["neuron_set"] if not str(s).startswith("random:"))),
                    "control": cfg.control, "control_seeds": list(cfg.control_seeds) if cfg.control != "none" else [],
+                   "control_bins": cfg.control_bins if cfg.control == "matched" else None,
                    "languages": self.langs, "scope": cfg.scope, "batch_size": cfg.batch_size,
                    "bootstrap": cfg.bootstrap, "mode": "zero",
                    "eval_corpus": None if cfg.eval_corpus is None else str(cfg.eval_corpus),
@@ -384,16 +483,12 @@ class AblationStage:
                    "figures": [str(p.relative_to(self.run.path)) for p in figures]}
         inputs = {"neurons_sha256": self.neurons_sha256,
                   "parts": json.loads(parts.astype(str).to_json(orient="records"))}
-        commit_stage(self.run, self.name, inputs, [self.run.ablation_path], section, seconds, by=self.by)
+        outputs = [self.run.ablation_path]
+        from .intervals import DOCS_FILE
 
-
-def _evaluate_control(control: str) -> str | None:
-    """The control name evaluate.py takes."""
-    from .evaluate import CONTROL_NAMES
-
-    if control == "none":
-        return None
-    return CONTROL_NAMES.get(control, control)
+        if (self.run.path / DOCS_FILE).exists():
+            outputs.append(self.run.path / DOCS_FILE)
+        commit_stage(self.run, self.name, inputs, outputs, section, seconds, by=self.by)
 
 
 def merge_rows(old: Any, new: Any, neurons_sha256: str) -> Any:

@@ -18,9 +18,10 @@ def ablate(
     classes: Optional[list[str]] = typer.Option(
         None, "--classes", help="Neuron set(s): specific | specific,related | specific,related,general; repeat the "
         "option or separate sets with ';' (default: all three)."),
-    control: str = typer.Option("layer", help="matched: random neurons of the same activity strata per layer; "
+    control: str = typer.Option("matched", help="matched: random neurons of the same activity strata per layer; "
                                 "layer: random neurons with the same per-layer counts; none: no control."),
     control_seeds: str = typer.Option("0,1,2", help="Seeds of the random control (one row per seed)."),
+    control_bins: int = typer.Option(20, help="Activity strata per layer of the matched control."),
     metric: str = typer.Option("nll,ppl,bpb", help="Comma list of nll, ppl, bpb, accuracy."),
     eval_corpus: Optional[Path] = typer.Option(None, help="Held-out texts per language (default: the manifest's "
                                                "record.eval_corpus); an MGSM path when only accuracy is asked."),
@@ -55,7 +56,7 @@ def ablate(
     if not run_dir.is_dir():
         raise LangNeuronsError(f"{run_dir} is not a run directory")
     cfg = AblationConfig(
-        sets=tuple(classes or ()), control=control, control_seeds=control_seeds, metrics=tuple(split_list(metric) or ()),
+        sets=tuple(classes or ()), control=control, control_seeds=control_seeds, control_bins=control_bins, metrics=tuple(split_list(metric) or ()),
         eval_corpus=eval_corpus, math_corpus=math_corpus, langs=split_list(langs, what="--langs"),
         batch_size=batch_size, scope=scope, positions=positions, bootstrap=bootstrap, max_length=max_length,
         max_examples=max_examples, max_new_tokens=max_new_tokens, chat=chat, progress=progress, force=force,

@@ -25,9 +25,14 @@ def run(
     lam: str = typer.Option("auto", "--lambda", help="auto or a number"),
     sets: str = typer.Option("specific;specific,related;specific,related,general",
                              help="Neuron sets to deactivate, ';'-separated (each a comma list of classes)."),
-    control: str = typer.Option("layer", help="matched (activity strata within each layer) | layer (per-layer "
+    control: str = typer.Option("matched", help="matched (activity strata within each layer) | layer (per-layer "
                                 "counts only) | none"),
     control_seeds: str = typer.Option("0,1,2", help="Seeds of the random control sets."),
+    control_bins: int = typer.Option(20, help="Activity strata per layer of the matched control."),
+    ablation_langs: Optional[str] = typer.Option(None, help="Languages deactivated and evaluated in the matrix "
+                                                 "(default: all; identification always uses every language)."),
+    eval_tokens_per_lang: Optional[int] = typer.Option(2000, help="Held-out tokens per language scored in each "
+                                                       "ablation pass (more, shorter documents: tighter intervals)."),
     batch_size: int = typer.Option(8),
     max_tokens_per_lang: Optional[int] = typer.Option(None),
     max_eval_docs: Optional[int] = typer.Option(None, help="Cap held-out documents per language."),
@@ -52,6 +57,8 @@ def run(
     cfg = RunConfig(out=out, neuron_sets=parse_class_sets(sets), model=model, corpus=corpus,
                     langs=split_list(langs, what="--langs"), scope=scope, holdout=holdout, method=method,
                     top_rate=top_rate, bar=bar, lam=lam, control=control, control_seeds=control_seeds,
+                    control_bins=control_bins, ablation_langs=split_list(ablation_langs, what="--ablation-langs"),
+                    eval_tokens_per_lang=eval_tokens_per_lang,
                     batch_size=batch_size, max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs,
                     dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                     mlp_act_path=mlp_act_path, pivot=pivot, bootstrap=bootstrap, stability=stability,

@@ -291,15 +291,24 @@ def _interventions_part(run: RunDir, parts: list[str]) -> None:
     if df is None:
         return
     parts.append("<h3>Interventions against their random control</h3>")
-    cells = interval_cells(df, "nll")
+    from .ablation import run_intervals
+
+    iv = run_intervals(run)
+    cells = iv.cells if iv is not None else interval_cells(df, "nll")
     has_ci = bool(len(cells)) and bool(cells["ci_low"].notna().any())
     if not has_ci:
         parts.append(note_html("ablation.parquet has no bootstrap intervals; run `langneurons ablate RUN_DIR "
                                "--bootstrap 1000` to see which effects stand out from the random control."))
         return
-    parts.append("<p>For every cell, a 95 % paired bootstrap interval of ΔNLL per token over the evaluation "
-                  "documents, against the random control of the same per-layer sizes averaged over its seeds. "
-                  "Framed, starred cells: the interval excludes the control's mean.</p>")
+    if iv is not None:
+        parts.append("<p>For every cell, a 95 % paired bootstrap interval of ΔNLL per token over the evaluation "
+                     "documents; framed, starred cells: the interval of the difference to the random control "
+                     "(documents and the control's seeds resampled together) excludes 0.</p>")
+    else:
+        parts.append("<p>For every cell, a 95 % paired bootstrap interval of ΔNLL per token over the evaluation "
+                     "documents, against the random control averaged over its seeds. Framed, starred cells: the "
+                     "interval excludes the control's mean (the control's own variance is not included: this run "
+                     "has no per-document scores).</p>")
     vmax = float(np.nanmax(np.abs(cells["delta"].to_numpy(dtype=float)))) if len(cells) else 1.0
     vmax = vmax if math.isfinite(vmax) and vmax > 0 else 1e-6
     for nset in sorted(cells["neuron_set"].unique(), key=lambda x: (len(x.split(",")), x)):
@@ -313,12 +322,16 @@ def _interventions_part(run: RunDir, parts: list[str]) -> None:
     parts.append(note_html(f"{len(sig)} of {n_ci} cells with an interval exclude their random control's mean.",
                            "ok" if len(sig) else "note"))
     if len(sig):
+        def size(r: Any) -> str:
+            n_docs, n_tok = getattr(r, "n_docs", None), getattr(r, "n_tokens", None)
+            return "–" if n_docs is None or n_docs != n_docs else f"{int(n_docs):,} / {int(n_tok):,}"
+
         rows = [[r.neuron_set, r.deactivated_lang, r.eval_lang, f"{r.delta:+.4f}",
                  f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
                  f"{r.control_mean:+.4f}" + ("" if not math.isfinite(r.control_sd) else f" ± {r.control_sd:.4f}"),
-                 int(r.control_seeds)] for r in sig.itertuples()]
+                 int(r.control_seeds), size(r)] for r in sig.itertuples()]
         parts.append(table_html(["neuron set", "deactivated", "evaluated", "ΔNLL", "95% interval",
-                                 "control mean ± sd (seeds)", "seeds"], rows))
+                                 "control mean ± sd (seeds)", "seeds", "docs / tokens"], rows))
 
 
 def has_results(run_dir: str | Path) -> bool:

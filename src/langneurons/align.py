@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from .errors import LangNeuronsError
+from .lm import GenerateConfig, generate, input_device, render_prompt, use_chat
 from .corpus import split_lines
 from .io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from .runs import RunDir
@@ -485,109 +486,16 @@ def language_name(code: str) -> str:
 
 
 def _use_chat(tokenizer: Any, chat: bool | None) -> bool:
-    if chat is None:
-        return bool(getattr(tokenizer, "chat_template", None))
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise AlignError("--chat was asked for but the tokenizer has no chat template; use --no-chat")
-    return bool(chat)
+    try:
+        return use_chat(tokenizer, chat)
+    except LangNeuronsError as exc:
+        raise AlignError(str(exc)) from None
 
 
 def _template(config: AlignConfig, chat: bool) -> str:
     if config.prompt_template is not None:
         return config.prompt_template
     return "{question}" if chat else "Q: {question}\nA:"
-
-
-def _render(tokenizer: Any, user_text: str, chat: bool) -> tuple[str, bool]:
-    """The model input for a user message, and whether the tokenizer should add special tokens.
-
-    A rendered chat template already holds the BOS (if any), so its tokens are added as they
-    are; plain prompts get the tokenizer's special tokens, as TRL's tokenisation does for DPO.
-    """
-    if not chat:
-        return user_text, True
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True)
-    return text, False
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-    for value in (eos, getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def _derive_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def _generate(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool, n: int,
-              do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-              seed: int, progress: bool = False, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """``n`` continuations of every text (in input order) as (text, finished) pairs.
-
-    Left padding: new tokens are appended at the right end of each row; `generate` builds position
-    ids from the attention mask, so a padded row sees the positions of an unpadded run.  Each
-    batch reseeds the RNG from (seed, batch index), so the same settings give the same samples.
-    The answer text is the decoded (prompt + answer) minus the decoded prompt: decoding the new
-    tokens alone drops a leading space in SentencePiece tokenizers, and the answer is later
-    appended to the prompt again for training.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
-                           num_return_sequences=n, pad_token_id=pad_id,
-                           eos_token_id=sorted(eos) if eos else None)
-    if do_sample:
-        cfg.temperature, cfg.top_p, cfg.top_k = temperature, top_p, 0
-    encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    out: list[list[tuple[str, bool]]] = [[] for _ in texts]
-    device = _input_device(model)
-    batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
-    iterator: Iterable[Any] = enumerate(batches)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=len(batches), desc=desc, file=sys.stderr)
-    model.eval()
-    for b, idx in iterator:
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            row = encoded[i]
-            ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[r, width - len(row):] = 1
-        torch.manual_seed(_derive_seed(seed, desc, b))
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
-        gen = gen[:, width:].cpu()
-        for r, i in enumerate(idx):
-            prompt_text = tokenizer.decode(encoded[i], skip_special_tokens=True)
-            for k in range(n):
-                new = gen[r * n + k].tolist()
-                cut = next((p for p, t in enumerate(new) if t in eos), None)
-                finished = cut is not None
-                new = new[:cut] if finished else new
-                full = tokenizer.decode(encoded[i] + new, skip_special_tokens=True)
-                text = full[len(prompt_text):] if full.startswith(prompt_text) else \
-                    tokenizer.decode(new, skip_special_tokens=True)
-                out[i].append((text, finished))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,22 +538,17 @@ def sample_answers(model: nn.Module, tokenizer: Any, questions: Sequence[Questio
     if not pivot_qs or not target_qs:
         raise AlignError(f"nothing to sample: need questions in the pivot {config.pivot!r} and in "
                          f"{','.join(langs)} with the same ids")
-    old_side = tokenizer.padding_side
     samples: list[Sample] = []
-    try:
-        tokenizer.padding_side = "left"
-        for kind, qs, n, do_sample in (("pivot", pivot_qs, 1, False), ("sample", target_qs, config.n_samples, True)):
-            prompts = [template.format(question=q.question) for q in qs]
-            rendered = [_render(tokenizer, p, chat) for p in prompts]
-            gens = _generate(model, tokenizer, [r[0] for r in rendered], add_special_tokens=not chat, n=n,
-                             do_sample=do_sample, temperature=config.temperature, top_p=config.top_p,
-                             max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
-                             seed=config.seed, progress=progress, desc=f"{kind} answers")
-            for q, prompt, outs in zip(qs, prompts, gens):
-                samples.extend(Sample(id=q.id, lang=q.lang, kind=kind, index=k, prompt=prompt, text=text,
-                                      finished=finished) for k, (text, finished) in enumerate(outs))
-    finally:
-        tokenizer.padding_side = old_side
+    for kind, qs, n, do_sample in (("pivot", pivot_qs, 1, False), ("sample", target_qs, config.n_samples, True)):
+        prompts = [template.format(question=q.question) for q in qs]
+        gens = generate(model, tokenizer, prompts, GenerateConfig(
+            max_new_tokens=config.max_new_tokens, do_sample=do_sample, temperature=config.temperature,
+            top_p=config.top_p, seed=config.seed, batch_size=config.gen_batch_size, num_return_sequences=n,
+            chat=chat), progress=progress, desc=f"{kind} answers")
+        for g in gens:
+            q = qs[g.prompt_index]
+            samples.append(Sample(id=q.id, lang=q.lang, kind=kind, index=g.sample, prompt=prompts[g.prompt_index],
+                                  text=g.text, finished=g.finished))
     return samples
 
 
@@ -705,7 +608,7 @@ def _mean_forced_logprob(model: nn.Module, rows: Sequence[tuple[list[int], list[
     scores = [float("nan")] * len(rows)
     todo = [i for i, (_, cont) in enumerate(rows) if cont]
     todo.sort(key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-    device = _input_device(model)
+    device = input_device(model)
     model.eval()
     for j in range(0, len(todo), batch_size):
         idx = todo[j:j + batch_size]
@@ -764,7 +667,7 @@ class SelfTranslationScorer:
         source = self._cut(item.text.strip())
         pivot = item.pivot_text.strip()
         if self.chat:
-            prompt, special = _render(tok, f"Translate to {name}: {source}", True)
+            prompt, special = render_prompt(tok, f"Translate to {name}: {source}", True)
             cont = pivot
         else:
             prompt, special = f"Translate to {name}: {source}\n{name}:", True
@@ -1179,7 +1082,7 @@ def train_dpo(model: nn.Module, tokenizer: Any, pairs: Sequence[Pair], config: A
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     atomic_write_json(key_file, {"key": key, "pairs_sha256": pairs_sha})
 
-    on_cuda = _input_device(model).type == "cuda"
+    on_cuda = input_device(model).type == "cuda"
     bf16 = config.bf16 if config.bf16 is not None else bool(on_cuda and torch.cuda.is_bf16_supported())
     targets = config.lora_target_modules or lora_target_modules(model)
     # transformers 5 takes a float warmup_steps < 1 as a ratio; 4.x has warmup_ratio

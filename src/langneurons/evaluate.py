@@ -35,6 +35,7 @@ MGSM accuracy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -55,7 +56,10 @@ from .corpus import Example
 from .errors import CorpusError, LangNeuronsError
 from .intervene import deactivate, mask_key, random_control
 from .io import atomic_write_text
-from .record import RecordConfig, encode_example
+from .lm import encode_example, input_device
+from .lm import generate as lm_generate
+from .lm import pad_id as tokenizer_pad_id
+from .record import RecordConfig
 
 EvalScope = Literal["all", "response"]
 METRICS = ("nll", "ppl", "bpb")
@@ -147,24 +151,13 @@ def encode_for_eval(tokenizer: Any, ex: Example | str, scope: EvalScope = "all",
     return _Doc(enc.input_ids, scored, n_bytes)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise LangNeuronsError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return int(pad)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @torch.inference_mode()
 def _score_docs(model: nn.Module, docs: Sequence[_Doc], *, pad_id: int, batch_size: int, scope: str,
                 rows_per_chunk: int = 1024, after_batch: Any = None) -> EvalResult:
     """Summed true-token NLL per document (right padding, length-bucketed batches)."""
     if batch_size < 1:
         raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
-    device = _input_device(model)
+    device = input_device(model)
     doc_nll = torch.zeros(len(docs), dtype=torch.float64)
     doc_tokens = [sum(d.scored) for d in docs]
     live = [i for i, d in enumerate(docs) if doc_tokens[i] > 0]
@@ -207,7 +200,7 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_examples: Sequence[Exa
     limit = _model_max_length(model, max_length)
     docs = [encode_for_eval(tokenizer, x, scope, limit, separator) for x in texts_or_examples]
     _warn_skipped(docs, scope)
-    return _score_docs(model.eval(), docs, pad_id=_pad_id(tokenizer), batch_size=batch_size, scope=scope)
+    return _score_docs(model.eval(), docs, pad_id=tokenizer_pad_id(tokenizer), batch_size=batch_size, scope=scope)
 
 
 def _warn_skipped(docs: Sequence[_Doc], scope: str, what: str = "") -> None:
@@ -335,7 +328,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     if not eval_corpus:
         raise CorpusError("the evaluation corpus is empty")
     model = model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     limit = _model_max_length(model, max_length)
 
     docs: dict[str, list[_Doc]] = {}
@@ -433,71 +426,32 @@ def _frame(rows: list[dict]) -> Any:
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
-def _generation_config(model: nn.Module, max_new_tokens: int, pad_id: int) -> Any:
-    from transformers import GenerationConfig
-
-    base = getattr(model, "generation_config", None)
-    eos = getattr(base, "eos_token_id", None) if base is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    # A fresh config: greedy, no sampling parameters inherited from the model's defaults.
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                            eos_token_id=eos)
-
-
-def _render_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
-    if not chat:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-@torch.inference_mode()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
              mask: Any = None, positions: str = "all", batch_size: int = 8, mode: str = "zero",
              factor: float = 0.0, values: torch.Tensor | None = None, act_path: str | None = None,
              chat: bool | None = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (in input order), optionally with neurons deactivated.
+    """Greedy continuations of ``prompts`` (texts of the new tokens, in input order), optionally
+    with neurons deactivated; a thin wrapper of `lm.generate` (which also gives token ids and
+    stop reasons).
 
     ``chat``: apply the tokenizer's chat template (None: when the tokenizer has one).
     """
-    if batch_size < 1:
-        raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    model = model.eval()
-    pad_id = _pad_id(tokenizer)
-    device = _input_device(model)
-    gen_cfg = _generation_config(model, max_new_tokens, pad_id)
     sites = locate_activations(model, act_path) if mask is not None else None
-    texts = [_render_prompt(tokenizer, p, bool(chat)) for p in prompts]
-    lengths = [len(tokenizer(t, add_special_tokens=not chat)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths: fewer pads
-    outputs: list[str] = [""] * len(texts)
-    # Left padding: a decoder appends new tokens at the right end of each row, so with right
-    # padding they would follow pad tokens. generate builds position ids from the attention mask,
-    # so left-padded rows see the same positions as unpadded ones (tested: batch 1 vs 3 agree).
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for j in range(0, len(order), batch_size):
-            idx = order[j:j + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=not chat)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            T = int(enc["input_ids"].shape[1])
-            if mask is None:
-                out = model.generate(**enc, generation_config=gen_cfg)
-            else:
-                with deactivate(model, mask, mode=mode, factor=factor, values=values,  # type: ignore[arg-type]
-                                positions=positions, prompt_length=T, sites=sites) as iv:  # type: ignore[arg-type]
-                    out = model.generate(**enc, generation_config=gen_cfg)
-                iv.check_fired()
-            decoded = tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
-            for i, text in zip(idx, decoded):
-                outputs[i] = text
-    finally:
-        tokenizer.padding_side = old_side
-    return outputs
+
+    def during(width: int) -> Any:
+        return _checked_deactivate(model, mask, mode=mode, factor=factor, values=values, positions=positions,
+                                   prompt_length=width, sites=sites)
+
+    gens = lm_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
+                       batch_context=during if mask is not None else None)
+    return [g.text for g in gens]
+
+
+@contextlib.contextmanager
+def _checked_deactivate(model: nn.Module, mask: Any, **kw: Any) -> Any:
+    with deactivate(model, mask, **kw) as iv:
+        yield iv
+    iv.check_fired()
 
 
 GENERATION_FIELDS = ("prompt", "output", "deactivated_lang", "neuron_set", "requested_lang", "detected_lang")

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -57,11 +56,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from .errors import LangNeuronsError
+from .errors import CorpusError, LangNeuronsError
 from .lm import GenerateConfig, generate, input_device, render_prompt, use_chat
 from .corpus import split_lines
 from .io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from .runs import RunDir
+from .tasks import LANGUAGE_NAMES, read_task
 
 if TYPE_CHECKING:  # torch / transformers cost seconds to import; only the model steps need them
     import torch
@@ -105,9 +105,6 @@ logger = logging.getLogger(__name__)
 ALIGN_INFO_FILE = "langneurons_align.json"
 """Written into every merged model directory: trained languages, pivot, base model, step."""
 
-_QUESTION_KEYS = ("question", "m_query", "query", "instruction", "problem", "input")
-_ANSWER_KEYS = ("answer", "answer_number", "response", "output", "final_answer", "label")
-_LANG_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z]{2,4})?$")
 
 
 class AlignError(LangNeuronsError, ValueError):
@@ -224,180 +221,18 @@ def default_questions_path() -> Path:
     return Path(__file__).parent / "data" / "questions" / "questions.jsonl"
 
 
-def _lang_from_name(path: Path) -> str | None:
-    """mgsm_de.tsv -> de, test_zh.json -> zh, fr.jsonl -> fr; questions.jsonl, dev.jsonl -> None.
-
-    A whole stem counts only when it is two letters or a known code, so that names such as
-    ``dev`` or ``all`` are not taken for languages."""
-    stem = path.stem
-    if "_" in stem:
-        part = stem.rsplit("_", 1)[-1]
-        return part if _LANG_CODE.match(part) else None
-    return stem if re.fullmatch(r"[a-z]{2}", stem) or stem in _LANG_NAMES else None
-
-
-def _answer_text(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise AlignError(f"{where}: the answer must be a number or text, got {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise AlignError(f"{where}: the answer {value!r} is not a finite number")
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        return value.strip() or None
-    raise AlignError(f"{where}: the answer must be a number or text, got {type(value).__name__}")
-
-
-def _pick(rec: Mapping[str, Any], keys: Sequence[str]) -> tuple[str | None, Any]:
-    for k in keys:
-        if k in rec:
-            return k, rec[k]
-    return None, None
-
-
-def _question_from_record(rec: Any, file_lang: str | None, ordinal: int, where: str) -> Question:
-    if not isinstance(rec, dict):
-        raise AlignError(f"{where}: expected a JSON object with a question, got {type(rec).__name__}")
-    qkey, text = _pick(rec, _QUESTION_KEYS)
-    if qkey is None:
-        raise AlignError(f"{where}: no question field (one of {', '.join(_QUESTION_KEYS)})")
-    if not isinstance(text, str) or not text.strip():
-        raise AlignError(f"{where}: the {qkey!r} field must be non-empty text")
-    lang = rec.get("lang", file_lang)  # an explicit "lang" wins over the file name
-    if not isinstance(lang, str) or not lang.strip():
-        raise AlignError(f"{where}: no language: add a \"lang\" field or name the file <name>_<lang>.json(l)")
-    qid = rec.get("id", ordinal)
-    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid).strip() == "":
-        raise AlignError(f"{where}: the id must be text or an integer, got {qid!r}")
-    _, answer = _pick(rec, _ANSWER_KEYS)
-    return Question(id=str(qid).strip(), lang=lang.strip(), question=text.strip(),
-                    answer=_answer_text(answer, where), source=where)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise AlignError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-
-
-def _read_question_file(path: Path) -> list[Question]:
-    file_lang = _lang_from_name(path)
-    out: list[Question] = []
-    suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        if file_lang is None:
-            raise AlignError(f"cannot tell the language of {path}: name MGSM files mgsm_<lang>.tsv")
-        n = 0
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
-            if not line.strip():
-                continue
-            question, sep, answer = line.rpartition("\t")
-            if not sep or not question.strip():
-                raise AlignError(f"{path}:{i}: expected 'question<TAB>answer' (MGSM layout, no header)")
-            n += 1
-            out.append(Question(id=str(n), lang=file_lang, question=question.strip(),
-                                answer=answer.strip() or None, source=f"{path}:{i}"))
-    elif suffix == ".jsonl":
-        ordinals: dict[str | None, int] = {}
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
-            lang_key = rec.get("lang", file_lang) if isinstance(rec, dict) else None
-            ordinals[lang_key] = ordinals.get(lang_key, 0) + 1
-            out.append(_question_from_record(rec, file_lang, ordinals[lang_key], f"{path}:{i}"))
-    elif suffix == ".json":
-        try:
-            data = json.loads(_read_text(path))
-        except json.JSONDecodeError as exc:
-            raise AlignError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-        if isinstance(data, dict):
-            data = data.get("data", data.get("examples", data.get("questions")))
-        if not isinstance(data, list):
-            raise AlignError(f"{path}: expected a JSON list of questions (or {{\"data\": [...]}})")
-        ordinals = {}
-        for i, rec in enumerate(data):
-            lang_key = rec.get("lang", file_lang) if isinstance(rec, dict) else None
-            ordinals[lang_key] = ordinals.get(lang_key, 0) + 1
-            out.append(_question_from_record(rec, file_lang, ordinals[lang_key], f"{path}[{i}]"))
-    else:
-        raise AlignError(f"{path}: unknown question file type; use .jsonl, .json or mgsm_<lang>.tsv")
-    return out
-
-
 def read_questions(path: str | os.PathLike[str], *, langs: Sequence[str] | None = None) -> list[Question]:
-    """Read a parallel question set (questions with the same id are translations of each other).
-
-    Layouts:
-
-    * JSONL: one ``{"id", "lang", "question", "answer"?}`` per line (``lang`` may be left out in a
-      file named ``<name>_<lang>.jsonl`` / ``<lang>.jsonl``; ``id`` may be left out, then the
-      n-th question of each language gets id ``n``);
-    * MGSM: ``mgsm_<lang>.tsv`` files, ``question<TAB>answer`` per line, no header; the n-th line
-      of every language gets id ``n`` (the MGSM files are line-parallel);
-    * JSON (MSVAMP-style): a list (or ``{"data": [...]}``) of objects whose question is in one of
-      ``question / m_query / query / instruction / problem / input`` and answer in one of
-      ``answer / answer_number / response / output / final_answer / label``; language from a
-      ``lang`` field or the file name (``test_<lang>.json``); ids as for JSONL;
-    * a directory of such files (hidden files and other suffixes are ignored).
-
-    ``langs`` keeps only those languages.  Errors are one line naming the file and line.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise AlignError(f"question file {p} does not exist; give a .jsonl/.json file, mgsm_<lang>.tsv files "
-                         "or a directory of them (default: the shipped set)")
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                       and f.suffix.lower() in (".jsonl", ".json", ".tsv"))
-        if not files:
-            raise AlignError(f"{p} holds no .jsonl, .json or .tsv question files")
-    else:
-        files = [p]
-    questions = [q for f in files for q in _read_question_file(f)]
-    seen: dict[tuple[str, str], Question] = {}
-    answers: dict[str, Question] = {}
-    for q in questions:
-        key = (q.id, q.lang)
-        if key in seen:
-            raise AlignError(f"{q.source}: question id {q.id!r} appears twice for language {q.lang!r} "
-                             f"(first at {seen[key].source}); ids must be unique per language")
-        seen[key] = q
-        if q.answer is not None:
-            first = answers.setdefault(q.id, q)
-            if _same_answer(first.answer, q.answer) is False:
-                raise AlignError(f"{q.source}: answer {q.answer!r} of question {q.id!r} differs from {first.answer!r} "
-                                 f"at {first.source}; questions with one id must be translations of each other")
-    if langs is not None:
-        keep = set(langs)
-        questions = [q for q in questions if q.lang in keep]
-    if not questions:
-        which = f" for {','.join(langs)}" if langs else ""
-        raise AlignError(f"no questions{which} in {p}")
-    return questions
-
-
-def _same_answer(a: str | None, b: str | None) -> bool | None:
-    """True/False when both parse as numbers (1,000 == 1000), None when one is not a number."""
-    def num(x: str | None) -> float | None:
-        if x is None:
-            return None
-        try:
-            return float(x.replace(",", "").replace(" ", ""))
-        except ValueError:
-            return None
-    na, nb = num(a), num(b)
-    if na is None or nb is None:
-        return None
-    return abs(na - nb) <= 1e-9 * max(1.0, abs(na))
+    """Read a parallel question set (questions with the same id are translations of each other)
+    with `tasks.read_task`: MGSM ``mgsm_<lang>.tsv`` files, MSVAMP-style JSON, JSONL
+    ``{"id", "lang", "question", "answer"?}``, or a directory of them (layouts, field mapping
+    and ids: `langneurons.tasks`). ``langs`` keeps only those languages. Errors are one line
+    naming the file and line."""
+    try:
+        examples = read_task(path, langs=langs)
+    except CorpusError as exc:
+        raise AlignError(str(exc)) from None
+    return [Question(id=ex.id, lang=ex.lang, question=ex.question, answer=ex.reference, source=ex.source)
+            for ex in examples]
 
 
 def _questions_sha256(questions: Sequence[Question]) -> str:
@@ -448,15 +283,6 @@ def select_questions(questions: Sequence[Question], pivot: str, langs: Sequence[
 # Language names (for the self-translation prompt) and translation-model codes
 # --------------------------------------------------------------------------------------------
 
-_LANG_NAMES = {
-    "en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian",
-    "ja": "Japanese", "bn": "Bengali", "th": "Thai", "sw": "Swahili", "te": "Telugu", "ar": "Arabic",
-    "hi": "Hindi", "ko": "Korean", "it": "Italian", "pt": "Portuguese", "vi": "Vietnamese",
-    "id": "Indonesian", "tr": "Turkish", "nl": "Dutch", "pl": "Polish", "uk": "Ukrainian", "fa": "Persian",
-    "he": "Hebrew", "el": "Greek", "cs": "Czech", "sv": "Swedish", "fi": "Finnish", "hu": "Hungarian",
-    "ro": "Romanian", "ta": "Tamil", "ur": "Urdu", "ms": "Malay", "tl": "Tagalog", "yo": "Yoruba",
-}
-
 _NLLB_CODES = {
     "en": "eng_Latn", "zh": "zho_Hans", "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ru": "rus_Cyrl",
     "ja": "jpn_Jpan", "bn": "ben_Beng", "th": "tha_Thai", "sw": "swh_Latn", "te": "tel_Telu", "ar": "arb_Arab",
@@ -477,7 +303,7 @@ _MBART50_CODES = {
 
 def language_name(code: str) -> str:
     """English name of a language code (the code itself when unknown)."""
-    return _LANG_NAMES.get(code, _LANG_NAMES.get(code.split("-")[0].split("_")[0], code))
+    return LANGUAGE_NAMES.get(code, LANGUAGE_NAMES.get(code.split("-")[0].split("_")[0], code))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1171,6 +997,13 @@ def _key(obj: Any) -> str:
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     text = "".join(json.dumps(dict(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
     return atomic_write_text(path, text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -40,11 +40,10 @@ import json
 import math
 import re
 import time
-import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -60,6 +59,7 @@ from .lm import encode_example, input_device
 from .lm import generate as lm_generate
 from .lm import pad_id as tokenizer_pad_id
 from .record import RecordConfig
+from .tasks import ANSWER_FIELDS, answer_number, extract_final_number, read_task
 
 EvalScope = Literal["all", "response"]
 METRICS = ("nll", "ppl", "bpb")
@@ -516,86 +516,10 @@ def detect_language(text: str, languages: Sequence[str] | None = None) -> str | 
 # --------------------------------------------------------------------------------------------
 # MGSM-style accuracy
 # --------------------------------------------------------------------------------------------
-_PUNCT = {"\uff0c": ",", "\uff0e": ".", "\u066b": ".", "\u066c": ",", "\u2212": "-", "\uff0d": "-",
-          "\u00a0": " ", "\u202f": " ", "\u2009": " ", "\u2007": " ", "\u2019": "'"}
-_NUMBER = re.compile(r"""
-    (?<![0-9A-Za-z_.,'])                   # not the tail of a word or of a number
-    (?P<sign>-)?
-    (?P<body>
-        \d{1,3}(?P<sep>[,.' ])\d{3}(?:(?P=sep)\d{3})*(?:(?!(?P=sep))[.,]\d+)?   # grouped thousands
-      | \d+(?:[.,]\d+)?                                                        # plain or decimal
-    )
-    (?!\d)
-""", re.X)
-
-
-def _normalise_digits(text: str) -> str:
-    # Any decimal digit (full-width, Arabic-Indic, Bengali, Thai, Devanagari...) -> ASCII. Only
-    # category Nd: superscripts like the ² of "m²" are not numbers of the answer.
-    out = []
-    for ch in text:
-        if ch in _PUNCT:
-            out.append(_PUNCT[ch])
-        elif not ch.isascii() and unicodedata.category(ch) == "Nd":
-            out.append(str(unicodedata.digit(ch)))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _parse_number(sign: str | None, body: str, sep: str | None) -> Decimal | None:
-    if sep:
-        head, _, _ = body.partition(sep)
-        if head == "0" and sep in ".,":  # "0.500" / "0,5" are decimals, not thousands
-            body = body.replace(sep, ".", 1)
-        else:
-            body = body.replace(sep, "")
-        body = body.replace(",", ".")
-    else:
-        body = body.replace(",", ".")
-    try:
-        value = Decimal(body)
-    except InvalidOperation:
-        return None
-    return -value if sign else value
-
-
-def _canonical(value: Decimal) -> str:
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
-def extract_final_number(text: str) -> str | None:
-    """The LAST number in ``text`` as a canonical string ("1234", "-5", "1.5"), or None.
-
-    Thousands separators "1,234" "1.234" "1 234" "1'234" (a separator followed by exactly three
-    digits is a thousands separator, except after a lone 0: "0.125"); decimal comma "2,5";
-    negative numbers; any Unicode decimal digits (full-width, Arabic-Indic, Bengali, Thai,
-    Devanagari); a trailing period is punctuation. Not handled: number words and CJK numerals.
-    """
-    if not text:
-        return None
-    last = None
-    for m in _NUMBER.finditer(_normalise_digits(text)):
-        value = _parse_number(m.group("sign"), m.group("body"), m.group("sep"))
-        if value is not None:
-            last = value
-    return None if last is None else _canonical(last)
-
-
-def _answer_value(answer: Any) -> Decimal | None:
-    if isinstance(answer, bool) or answer is None:
-        return None
-    if isinstance(answer, (int, float)):
-        return Decimal(str(answer))
-    parsed = extract_final_number(str(answer))
-    return None if parsed is None else Decimal(parsed)
-
-
 def score_math(response: str, answer: Any, lang: str, *, languages: Sequence[str] | None = None) -> dict[str, Any]:
     """{"correct", "number_ok", "lang_ok", "detected", "predicted"} for one MGSM-style response."""
     predicted = extract_final_number(response)
-    reference = _answer_value(answer)
+    reference = answer_number(answer)
     if reference is None:
         raise CorpusError(f"reference answer {answer!r} has no number")
     number_ok = predicted is not None and Decimal(predicted) == reference
@@ -612,80 +536,17 @@ class MathExample(Example):
     answer: str = ""
 
 
-_QUESTION_KEYS = ("question", "prompt", "input")
-_ANSWER_KEYS = ("answer_number", "answer", "target")
-
-
-def _math_record(rec: Any, lang: str | None, where: str) -> MathExample:
-    if not isinstance(rec, dict):
-        raise CorpusError(f"{where}: expected a JSON object with question/answer, got {type(rec).__name__}")
-    q = next((rec[k] for k in _QUESTION_KEYS if isinstance(rec.get(k), str)), None)
-    if q is None:
-        raise CorpusError(f"{where}: no question field ({'/'.join(_QUESTION_KEYS)}); fields are {sorted(rec)}")
-    raw = next((rec[k] for k in _ANSWER_KEYS if rec.get(k) is not None), None)
-    value = _answer_value(raw)
-    if value is None:
-        raise CorpusError(f"{where}: no numeric answer ({'/'.join(_ANSWER_KEYS)}); fields are {sorted(rec)}")
-    rec_lang = rec.get("lang", rec.get("language", lang))
-    if not rec_lang:
-        raise CorpusError(f"{where}: no language: name the file mgsm_<lang>.json(l) or give a 'lang' field")
-    text_answer = rec.get("answer") if isinstance(rec.get("answer"), str) else None
-    response = text_answer or _canonical(value)
-    return MathExample(str(rec_lang), prompt=q, response=response, id=str(rec.get("id", "")) or None,
-                       source=where, answer=_canonical(value))
-
-
-def _lang_from_name(path: Path) -> str | None:
-    m = re.match(r"^mgsm[_-]([A-Za-z]{2,3}(?:[-_][A-Za-z]+)?)$", path.stem)
-    return m.group(1) if m else None
-
-
 def read_mgsm(path: str | Path, lang: str | None = None) -> list[MathExample]:
-    """Read MGSM-style math problems: ``mgsm_<lang>.tsv`` (``question<TAB>answer``, no header),
-    JSON (a list, or {"data": [...]}) or JSONL with question + answer_number/answer fields; a
-    directory of such files. ``lang`` keeps one language (and names a file without mgsm_<lang>)."""
-    p = Path(path)
-    if not p.exists():
-        raise CorpusError(f"MGSM path {p} does not exist; give mgsm_<lang>.tsv files, JSON or JSONL")
-    files = sorted(x for x in p.iterdir() if x.suffix in (".tsv", ".json", ".jsonl") and not x.name.startswith(".")) \
-        if p.is_dir() else [p]
-    out: list[MathExample] = []
-    for f in files:
-        file_lang = _lang_from_name(f)
-        if p.is_dir() and lang and file_lang and file_lang != lang:
-            continue
-        default = file_lang or lang
-        lines = f.read_text(encoding="utf-8").splitlines() if f.suffix != ".json" else []
-        if f.suffix == ".tsv":
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                q, sep, a = line.rpartition("\t")
-                if not sep:
-                    raise CorpusError(f"{f}:{i}: expected 'question<TAB>answer'")
-                out.append(_math_record({"question": q, "answer_number": a.strip()}, default, f"{f}:{i}"))
-        elif f.suffix == ".jsonl":
-            for i, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{f}:{i}: invalid JSON ({exc.msg})") from None
-                    out.append(_math_record(rec, default, f"{f}:{i}"))
-        else:
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{f}: invalid JSON ({exc.msg})") from None
-            if isinstance(data, dict):
-                data = data.get("data", data.get("examples"))
-            if not isinstance(data, list):
-                raise CorpusError(f"{f}: expected a JSON list of problems (or {{'data': [...]}})")
-            out.extend(_math_record(rec, default, f"{f}[{i}]") for i, rec in enumerate(data))
-    if lang:
-        out = [e for e in out if e.lang == lang]
-    if not out:
-        raise CorpusError(f"no MGSM problems{' for ' + lang if lang else ''} in {p}")
+    """MGSM-style math problems with a numeric answer, read by `tasks.read_task` (MGSM TSV,
+    the HF MGSM JSON/JSONL rows, MSVAMP JSON, {lang, id, question, answer} JSONL; a directory
+    of them). ``lang`` keeps one language (and names a file without mgsm_<lang>)."""
+    out = []
+    for ex in read_task(path, lang, parallel=False):
+        if ex.answer is None:
+            raise CorpusError(f"{ex.source}: no numeric answer (one of {', '.join(ANSWER_FIELDS)}); "
+                              "accuracy needs a number to compare with")
+        out.append(MathExample(ex.lang, prompt=ex.question, response=ex.answer_text or ex.answer, id=ex.id,
+                               source=ex.source, answer=ex.answer))
     return out
 
 

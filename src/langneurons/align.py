@@ -725,22 +725,12 @@ def build_pairs(samples: Sequence[Sample], *, min_margin: float = 0.0) -> list[P
 # Step 4: DPO + LoRA
 # --------------------------------------------------------------------------------------------
 
-_LORA_TARGETS: dict[str, list[str]] = {
-    **{mt: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")},
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-
-
 def lora_target_modules(model: nn.Module) -> list[str] | str:
     """The attention and MLP projections of the model's family (PEFT's "all-linear" otherwise,
     which is every linear layer but the LM head)."""
-    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-    return list(_LORA_TARGETS[model_type]) if model_type in _LORA_TARGETS else "all-linear"
+    from .arch import lora_targets  # arch imports torch; this module stays light
+
+    return lora_targets(model) or "all-linear"
 
 
 @dataclass

@@ -56,6 +56,7 @@ from .errors import CorpusError, LangNeuronsError
 from .intervene import deactivate, mask_key, random_control
 from .io import atomic_write_text
 from .lm import encode_example, input_device
+from .neurons import DEFAULT_SETS
 from .lm import generate as lm_generate
 from .lm import pad_id as tokenizer_pad_id
 from .record import RecordConfig
@@ -63,7 +64,6 @@ from .tasks import ANSWER_FIELDS, answer_number, extract_final_number, read_task
 
 EvalScope = Literal["all", "response"]
 METRICS = ("nll", "ppl", "bpb")
-DEFAULT_SETS = ("specific", "specific,related", "specific,related,general")
 LN2 = math.log(2.0)
 
 

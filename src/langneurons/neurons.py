@@ -30,6 +30,12 @@ from .io import atomic_write
 CLASS_NAMES = ("none", "specific", "related", "general", "unassigned")
 CLASS_CODE = {name: code for code, name in enumerate(CLASS_NAMES)}
 NONE, SPECIFIC, RELATED, GENERAL, UNASSIGNED = range(5)
+#: the classes that are counted and reported (every class but "none")
+COUNTED_CLASSES = ("specific", "related", "general", "unassigned")
+#: the classes that have languages (what masks and ablations are built from)
+LANGUAGE_CLASSES = ("specific", "related", "general")
+#: the neuron sets an ablation deactivates by default (comma lists of LANGUAGE_CLASSES)
+DEFAULT_SETS = ("specific", "specific,related", "specific,related,general")
 
 #: one language's mask: for each layer, the sorted neuron indices
 LayerMask = list[torch.Tensor]
@@ -37,7 +43,7 @@ LayerMask = list[torch.Tensor]
 
 def parse_classes(spec: str | Sequence[str]) -> tuple[str, ...]:
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    bad = [n for n in names if n not in ("specific", "related", "general")]
+    bad = [n for n in names if n not in LANGUAGE_CLASSES]
     if bad or not names:
         raise NeuronMapError(f"unknown neuron class(es) {bad or spec!r}; use a comma list of specific,related,general")
     return tuple(names)
@@ -86,13 +92,13 @@ class NeuronMap:
 
     def counts_per_layer(self) -> dict[str, list[int]]:
         return {name: (self.classes == CLASS_CODE[name]).sum(1).tolist()
-                for name in ("specific", "related", "general", "unassigned")}
+                for name in COUNTED_CLASSES}
 
     def counts_per_language(self) -> dict[str, dict[str, int]]:
         out = {}
         for k, lang in enumerate(self.languages):
             out[lang] = {name: int(((self.classes == CLASS_CODE[name]) & self.active[k]).sum())
-                         for name in ("specific", "related", "general")}
+                         for name in LANGUAGE_CLASSES}
         return out
 
     def appear(self) -> list[int]:
@@ -103,7 +109,7 @@ class NeuronMap:
     def summary(self) -> dict[str, Any]:
         return {"selected": int(self.selected.sum()), "appear": self.appear(),
                 "totals": {n: int((self.classes == CLASS_CODE[n]).sum())
-                           for n in ("specific", "related", "general", "unassigned")},
+                           for n in COUNTED_CLASSES},
                 "per_language": self.counts_per_language()}
 
     def check_fits(self, num_layers: int, num_neurons: int, what: str = "the model") -> None:

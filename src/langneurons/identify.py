@@ -216,7 +216,7 @@ def _check_stats(stats: ActivationStats) -> None:
         raise StatsError(f"stats have no neurons (shape {tuple(pos.shape)})")
     if tok.dtype.is_floating_point and torch.isnan(tok).any():
         raise StatsError("token counts contain NaN")
-    stats.validate()
+    stats.validate(buckets=False)  # identification never reads the per-bucket counts
 
 
 @dataclass
@@ -684,8 +684,8 @@ def identify(stats: ActivationStats, method: str = "entropy-lambda", **params: A
 def format_summary(nmap: NeuronMap) -> str:
     """A compact plain-text table of a NeuronMap (what `langneurons identify` prints)."""
     meta = nmap.meta
-    per_lang = nmap.counts_per_language()
     summary = nmap.summary()
+    per_lang = summary["per_language"]
     totals = summary["totals"]
     width = max([8] + [len(x) for x in nmap.languages])
     lines = []

@@ -75,13 +75,16 @@ def write_run_dir(stats: ActivationStats, path: Path, buckets: int = 16) -> Path
     for k, lang in enumerate(stats.languages):
         T = int(stats.tokens[k])
         pos = stats.positive[k].clamp(max=int(T * 0.99))
-        bt = torch.full((buckets,), T // buckets, dtype=torch.int64)
+        bt = torch.full((max(buckets, 1),), T // max(buckets, 1), dtype=torch.int64)
         bt[-1] += T - int(bt.sum())
         share = bt[:-1].double().view(-1, 1, 1) / T
         bp = (pos.double().unsqueeze(0) * share).floor().to(torch.int64)
         bp = torch.cat([bp, (pos - bp.sum(0)).unsqueeze(0)]).to(torch.int32)
         sums = pos.double() * (0.5 + torch.rand(pos.shape, generator=g, dtype=torch.float64))
-        part = LanguageStats(lang, pos, T, sums, dict(stats.meta), bp, bt, torch.full((buckets,), 10, dtype=torch.int64))
+        part = LanguageStats(lang, pos, T, sums, dict(stats.meta))
+        if buckets:
+            part.bucket_positive, part.bucket_tokens = bp, bt
+            part.bucket_docs = torch.full((buckets,), 10, dtype=torch.int64)
         run.write_language_stats(part)
     run.update_manifest({"languages": list(stats.languages)})
     return run.path
@@ -139,6 +142,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lam", type=float, default=0.1)
     ap.add_argument("--cli", action="store_true", help="also time the `langneurons identify` process end to end")
+    ap.add_argument("--buckets", type=int, default=16, help="per-bucket counts in the run directory (record's "
+                    "default 16; 0: none)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default); 1 gives stable numbers on a shared, busy machine")
     args = ap.parse_args()
@@ -194,12 +199,13 @@ def main() -> None:
           f"{rss2:.0f} MiB after auto fits")
     if args.cli:
         with tempfile.TemporaryDirectory() as tmp:
-            run = write_run_dir(stats, Path(tmp) / "run")
+            run = write_run_dir(stats, Path(tmp) / "run", args.buckets)
             base = _process_seconds([sys.executable, "-c", "import langneurons.cli"], args.repeats)
             cmd = [sys.executable, "-m", "langneurons", "identify", str(run), "--lambda", str(args.lam)]
             t_cli = _process_seconds(cmd, args.repeats)
             t_auto_cli = _process_seconds(cmd[:-2], max(1, args.repeats - 1))
         work, work_auto = t_cli - base, t_auto_cli - base
+        print(f"run directory: {args.buckets} per-bucket counts per language")
         print(f"`langneurons identify RUN --lambda {args.lam}` process: {t_cli:.2f}s; interpreter + import "
               f"{base:.2f}s; the command's own work {work:.2f}s")
         print(f"speed-up end to end (process minus import) vs published loop, fixed λ: {t_loop_full / work:.0f}x "

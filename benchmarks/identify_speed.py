@@ -4,7 +4,14 @@ Times one EntropyLambda fit at a fixed λ, one full automatic-λ fit, and the sa
 done neuron by neuron in Python as the published code does (on a few layers, scaled up
 linearly to all 32). Prints the ratio (goal: > 30x) and the auto-λ total.
 
-    python benchmarks/identify_speed.py [--loop-layers 1] [--repeats 3] [--threads N]
+With ``--cli`` it also writes the stats into a temporary run directory (as `record` does:
+one safetensors file per language with sums and 16 per-bucket counts, checksums in the
+manifest) and times the whole ``langneurons identify RUN --lambda <λ>`` process (load,
+checks, identification, NeuronMap, save, manifest, printed summary), minus the time of a
+``python -c "import langneurons.cli"`` process (interpreter + imports), against the published
+loop: the end-to-end ratio (goal: >= 30x).
+
+    python benchmarks/identify_speed.py [--loop-layers 1] [--repeats 3] [--threads N] [--cli]
 
 Timings are the best of several repeats (the development machine is shared).
 """
@@ -13,9 +20,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +61,42 @@ def synthetic_stats(seed: int = 0) -> ActivationStats:
     positive = (p * tokens.view(-1, 1, 1)).round().to(torch.int64)
     return ActivationStats([f"lang{k}" for k in range(K)], positive, tokens.to(torch.int64), None,
                            {"model": "synthetic-mistral-7b-shape"})
+
+
+def write_run_dir(stats: ActivationStats, path: Path, buckets: int = 16) -> Path:
+    """The stats as `record` leaves them: per-language files with sums and per-bucket counts
+    (bucket b of a language holds ~1/buckets of its tokens and of each neuron's positives)."""
+    from langneurons.stats import LanguageStats
+    from langneurons.runs import RunDir
+
+    run = RunDir(path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    for k, lang in enumerate(stats.languages):
+        T = int(stats.tokens[k])
+        pos = stats.positive[k].clamp(max=int(T * 0.99))
+        bt = torch.full((max(buckets, 1),), T // max(buckets, 1), dtype=torch.int64)
+        bt[-1] += T - int(bt.sum())
+        share = bt[:-1].double().view(-1, 1, 1) / T
+        bp = (pos.double().unsqueeze(0) * share).floor().to(torch.int64)
+        bp = torch.cat([bp, (pos - bp.sum(0)).unsqueeze(0)]).to(torch.int32)
+        sums = pos.double() * (0.5 + torch.rand(pos.shape, generator=g, dtype=torch.float64))
+        part = LanguageStats(lang, pos, T, sums, dict(stats.meta))
+        if buckets:
+            part.bucket_positive, part.bucket_tokens = bp, bt
+            part.bucket_docs = torch.full((buckets,), 10, dtype=torch.int64)
+        run.write_language_stats(part)
+    run.update_manifest({"languages": list(stats.languages)})
+    return run.path
+
+
+def _process_seconds(argv: list[str], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def published_loop_scores(probs_lhk: torch.Tensor, layers: range, lam: float) -> torch.Tensor:
@@ -93,6 +141,9 @@ def main() -> None:
     ap.add_argument("--loop-layers", type=int, default=1, help="layers timed with the per-neuron loop")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--cli", action="store_true", help="also time the `langneurons identify` process end to end")
+    ap.add_argument("--buckets", type=int, default=16, help="per-bucket counts in the run directory (record's "
+                    "default 16; 0: none)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default); 1 gives stable numbers on a shared, busy machine")
     args = ap.parse_args()
@@ -146,6 +197,25 @@ def main() -> None:
     print(f"auto-λ fit: {t_auto:.2f}s vs ~{t_loop_full * n_eval:.0f}s for {n_eval} published loop evaluations")
     print(f"peak RSS: {rss0:.0f} MiB after building stats, {rss1:.0f} MiB after fixed-λ fits, "
           f"{rss2:.0f} MiB after auto fits")
+    if args.cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = write_run_dir(stats, Path(tmp) / "run", args.buckets)
+            base = _process_seconds([sys.executable, "-c", "import langneurons.cli"], args.repeats)
+            # the CLI imports a command's modules (torch, safetensors...) only when it runs
+            base_all = _process_seconds([sys.executable, "-c", "import langneurons.cli, langneurons.cli.identify, "
+                                         "langneurons.identify, langneurons.stats, langneurons.runs"], args.repeats)
+            cmd = [sys.executable, "-m", "langneurons", "identify", str(run), "--lambda", str(args.lam)]
+            t_cli = _process_seconds(cmd, args.repeats)
+            t_auto_cli = _process_seconds(cmd[:-2], max(1, args.repeats - 1))
+        work, work_auto = t_cli - base, t_auto_cli - base
+        print(f"run directory: {args.buckets} per-bucket counts per language")
+        print(f"`langneurons identify RUN --lambda {args.lam}` process: {t_cli:.2f}s; interpreter + "
+              f"`import langneurons.cli` {base:.2f}s; + the command's modules (torch...) {base_all:.2f}s")
+        print(f"speed-up end to end vs published loop, fixed λ: {t_loop_full / work:.0f}x minus `import "
+              f"langneurons.cli` ({work:.2f}s of work), {t_loop_full / (t_cli - base_all):.0f}x minus all imports "
+              f"({t_cli - base_all:.2f}s) (goal >= 30x)")
+        print(f"auto λ process: {t_auto_cli:.2f}s (work {work_auto:.2f}s) vs ~{t_loop_full * n_eval:.0f}s for "
+              f"{n_eval} published loop evaluations: {t_loop_full * n_eval / work_auto:.0f}x")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 import langneurons.cli.confidence  # noqa: F401  (registers `stability` on the app)
 import langneurons.record as record_mod
+import langneurons.identify as ident
 from langneurons import confidence as conf
 from langneurons.cli import main
 from langneurons.corpus import Corpus, Example
@@ -359,8 +360,8 @@ def test_every_resample_equals_identify_on_resampled_stats(spec, tokens):
 def test_lambda_subset_evaluation_is_exact_with_ties(monkeypatch):
     """The bisection's candidate subset: probabilities on a coarse grid (many equal scores)."""
     sizes: list[int] = []
-    real = conf._select_lowest
-    monkeypatch.setattr(conf, "_select_lowest", lambda s, k, kth=None: sizes.append(s.numel()) or real(s, k, kth))
+    real = ident._select_lowest_topk
+    monkeypatch.setattr(ident, "_select_lowest_topk", lambda s, k, kth=None: sizes.append(s.numel()) or real(s, k, kth))
     g = torch.Generator().manual_seed(5)
     K, L, N = 4, 3, 200
     pos = torch.randint(0, 9, (K, L, N), generator=g) * 40
@@ -405,8 +406,8 @@ def skewed(K: int = 5, B: int = 8, L: int = 4, N: int = 1500, seed: int = 0) -> 
 
 def test_bisection_on_a_candidate_subset_equals_identify_on_model_like_stats(monkeypatch):
     sizes: list[int] = []
-    real = conf._select_lowest
-    monkeypatch.setattr(conf, "_select_lowest", lambda s, k, kth=None: sizes.append(s.numel()) or real(s, k, kth))
+    real = ident._select_lowest_topk
+    monkeypatch.setattr(ident, "_select_lowest_topk", lambda s, k, kth=None: sizes.append(s.numel()) or real(s, k, kth))
     st = skewed()
     W = conf.bootstrap_design(st, 4, seed=0)
     fits: dict[int, conf.ResampleFit] = {}
@@ -422,12 +423,12 @@ def test_fast_selection_helpers_match_the_reference():
     for trial in range(20):
         scores = (torch.randint(0, 30, (4, 50), generator=g).to(torch.float32) / 7)
         k = int(torch.randint(1, 200, (1,), generator=g))
-        assert torch.equal(conf._select_lowest(scores, k), select_lowest(scores, k))
+        assert torch.equal(ident._select_lowest_topk(scores, k), select_lowest(scores, k))
         values = torch.rand(5000, generator=g)
         kk = int(torch.randint(1, 5000, (1,), generator=g))
         want = torch.kthvalue(values, kk).values
         for guess in (None, float(want), float(want) * 1.001, 0.5, 2.0):
-            assert conf._kth_near(values, kk, guess) == want
+            assert ident.kth_near(values, kk, guess) == want
 
 
 # -- stability ------------------------------------------------------------------------------------

@@ -215,3 +215,43 @@ def test_imported_map_general_is_marked_unavailable_then_completed_from_stats():
     assert torch.equal(full.classes == GENERAL, want_general & ~listed_spec_rel)
     assert bool(want_general[0, :4].all()) and bool(full.classes[0, 0] == GENERAL)
     assert bool(full.classes[0, 5] == SPECIFIC)
+
+
+# -- vectorised summaries vs the plain loops they replaced (oracles) ---------------------------
+def _loop_counts_per_language(m):
+    from langneurons.neurons import CLASS_CODE
+
+    return {lang: {name: int(((m.classes == CLASS_CODE[name]) & m.active[k]).sum())
+                   for name in ("specific", "related", "general")} for k, lang in enumerate(m.languages)}
+
+
+def _loop_counts_per_layer(m):
+    from langneurons.neurons import CLASS_CODE
+
+    return {name: [int((m.classes[layer] == CLASS_CODE[name]).sum()) for layer in range(m.num_layers)]
+            for name in ("specific", "related", "general", "unassigned")}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_summaries_equal_the_loops(seed):
+    import torch
+
+    from langneurons.identify import identify
+    from langneurons.neurons import NeuronMap
+    from langneurons.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(seed)
+    K, L, N = 3 + seed, 4, 300
+    # arbitrary maps (active anywhere, any class), and maps as identify() builds them
+    arbitrary = NeuronMap([f"l{k}" for k in range(K)], torch.randint(0, 5, (L, N), generator=g, dtype=torch.int8),
+                          torch.rand(K, L, N, generator=g) < 0.3, torch.rand(L, N, generator=g) < 0.1)
+    pos = (torch.rand(K, L, N, generator=g) ** 3 * 1000).to(torch.int64)
+    fitted = identify(ActivationStats(arbitrary.languages, pos, torch.full((K,), 1000), None, {}), "lape",
+                      top_rate=0.05)
+    for m in (arbitrary, fitted):
+        assert m.counts_per_language() == _loop_counts_per_language(m)
+        assert m.counts_per_layer() == _loop_counts_per_layer(m)
+        n_act = m.active.sum(0)[m.selected]
+        assert m.appear() == torch.bincount(n_act.flatten(), minlength=K + 1).tolist()
+        totals = m.summary()["totals"]
+        assert totals == {n: sum(v) for n, v in _loop_counts_per_layer(m).items()}

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -57,10 +56,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from .errors import LangNeuronsError
+from .errors import CorpusError, LangNeuronsError
+from .lm import GenerateConfig, generate, input_device, render_prompt, use_chat
 from .corpus import split_lines
 from .io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from .runs import RunDir
+from .tasks import LANGUAGE_NAMES, read_task
 
 if TYPE_CHECKING:  # torch / transformers cost seconds to import; only the model steps need them
     import torch
@@ -104,9 +105,6 @@ logger = logging.getLogger(__name__)
 ALIGN_INFO_FILE = "langneurons_align.json"
 """Written into every merged model directory: trained languages, pivot, base model, step."""
 
-_QUESTION_KEYS = ("question", "m_query", "query", "instruction", "problem", "input")
-_ANSWER_KEYS = ("answer", "answer_number", "response", "output", "final_answer", "label")
-_LANG_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z]{2,4})?$")
 
 
 class AlignError(LangNeuronsError, ValueError):
@@ -223,180 +221,18 @@ def default_questions_path() -> Path:
     return Path(__file__).parent / "data" / "questions" / "questions.jsonl"
 
 
-def _lang_from_name(path: Path) -> str | None:
-    """mgsm_de.tsv -> de, test_zh.json -> zh, fr.jsonl -> fr; questions.jsonl, dev.jsonl -> None.
-
-    A whole stem counts only when it is two letters or a known code, so that names such as
-    ``dev`` or ``all`` are not taken for languages."""
-    stem = path.stem
-    if "_" in stem:
-        part = stem.rsplit("_", 1)[-1]
-        return part if _LANG_CODE.match(part) else None
-    return stem if re.fullmatch(r"[a-z]{2}", stem) or stem in _LANG_NAMES else None
-
-
-def _answer_text(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise AlignError(f"{where}: the answer must be a number or text, got {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise AlignError(f"{where}: the answer {value!r} is not a finite number")
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        return value.strip() or None
-    raise AlignError(f"{where}: the answer must be a number or text, got {type(value).__name__}")
-
-
-def _pick(rec: Mapping[str, Any], keys: Sequence[str]) -> tuple[str | None, Any]:
-    for k in keys:
-        if k in rec:
-            return k, rec[k]
-    return None, None
-
-
-def _question_from_record(rec: Any, file_lang: str | None, ordinal: int, where: str) -> Question:
-    if not isinstance(rec, dict):
-        raise AlignError(f"{where}: expected a JSON object with a question, got {type(rec).__name__}")
-    qkey, text = _pick(rec, _QUESTION_KEYS)
-    if qkey is None:
-        raise AlignError(f"{where}: no question field (one of {', '.join(_QUESTION_KEYS)})")
-    if not isinstance(text, str) or not text.strip():
-        raise AlignError(f"{where}: the {qkey!r} field must be non-empty text")
-    lang = rec.get("lang", file_lang)  # an explicit "lang" wins over the file name
-    if not isinstance(lang, str) or not lang.strip():
-        raise AlignError(f"{where}: no language: add a \"lang\" field or name the file <name>_<lang>.json(l)")
-    qid = rec.get("id", ordinal)
-    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid).strip() == "":
-        raise AlignError(f"{where}: the id must be text or an integer, got {qid!r}")
-    _, answer = _pick(rec, _ANSWER_KEYS)
-    return Question(id=str(qid).strip(), lang=lang.strip(), question=text.strip(),
-                    answer=_answer_text(answer, where), source=where)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise AlignError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-
-
-def _read_question_file(path: Path) -> list[Question]:
-    file_lang = _lang_from_name(path)
-    out: list[Question] = []
-    suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        if file_lang is None:
-            raise AlignError(f"cannot tell the language of {path}: name MGSM files mgsm_<lang>.tsv")
-        n = 0
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
-            if not line.strip():
-                continue
-            question, sep, answer = line.rpartition("\t")
-            if not sep or not question.strip():
-                raise AlignError(f"{path}:{i}: expected 'question<TAB>answer' (MGSM layout, no header)")
-            n += 1
-            out.append(Question(id=str(n), lang=file_lang, question=question.strip(),
-                                answer=answer.strip() or None, source=f"{path}:{i}"))
-    elif suffix == ".jsonl":
-        ordinals: dict[str | None, int] = {}
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
-            lang_key = rec.get("lang", file_lang) if isinstance(rec, dict) else None
-            ordinals[lang_key] = ordinals.get(lang_key, 0) + 1
-            out.append(_question_from_record(rec, file_lang, ordinals[lang_key], f"{path}:{i}"))
-    elif suffix == ".json":
-        try:
-            data = json.loads(_read_text(path))
-        except json.JSONDecodeError as exc:
-            raise AlignError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-        if isinstance(data, dict):
-            data = data.get("data", data.get("examples", data.get("questions")))
-        if not isinstance(data, list):
-            raise AlignError(f"{path}: expected a JSON list of questions (or {{\"data\": [...]}})")
-        ordinals = {}
-        for i, rec in enumerate(data):
-            lang_key = rec.get("lang", file_lang) if isinstance(rec, dict) else None
-            ordinals[lang_key] = ordinals.get(lang_key, 0) + 1
-            out.append(_question_from_record(rec, file_lang, ordinals[lang_key], f"{path}[{i}]"))
-    else:
-        raise AlignError(f"{path}: unknown question file type; use .jsonl, .json or mgsm_<lang>.tsv")
-    return out
-
-
 def read_questions(path: str | os.PathLike[str], *, langs: Sequence[str] | None = None) -> list[Question]:
-    """Read a parallel question set (questions with the same id are translations of each other).
-
-    Layouts:
-
-    * JSONL: one ``{"id", "lang", "question", "answer"?}`` per line (``lang`` may be left out in a
-      file named ``<name>_<lang>.jsonl`` / ``<lang>.jsonl``; ``id`` may be left out, then the
-      n-th question of each language gets id ``n``);
-    * MGSM: ``mgsm_<lang>.tsv`` files, ``question<TAB>answer`` per line, no header; the n-th line
-      of every language gets id ``n`` (the MGSM files are line-parallel);
-    * JSON (MSVAMP-style): a list (or ``{"data": [...]}``) of objects whose question is in one of
-      ``question / m_query / query / instruction / problem / input`` and answer in one of
-      ``answer / answer_number / response / output / final_answer / label``; language from a
-      ``lang`` field or the file name (``test_<lang>.json``); ids as for JSONL;
-    * a directory of such files (hidden files and other suffixes are ignored).
-
-    ``langs`` keeps only those languages.  Errors are one line naming the file and line.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise AlignError(f"question file {p} does not exist; give a .jsonl/.json file, mgsm_<lang>.tsv files "
-                         "or a directory of them (default: the shipped set)")
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                       and f.suffix.lower() in (".jsonl", ".json", ".tsv"))
-        if not files:
-            raise AlignError(f"{p} holds no .jsonl, .json or .tsv question files")
-    else:
-        files = [p]
-    questions = [q for f in files for q in _read_question_file(f)]
-    seen: dict[tuple[str, str], Question] = {}
-    answers: dict[str, Question] = {}
-    for q in questions:
-        key = (q.id, q.lang)
-        if key in seen:
-            raise AlignError(f"{q.source}: question id {q.id!r} appears twice for language {q.lang!r} "
-                             f"(first at {seen[key].source}); ids must be unique per language")
-        seen[key] = q
-        if q.answer is not None:
-            first = answers.setdefault(q.id, q)
-            if _same_answer(first.answer, q.answer) is False:
-                raise AlignError(f"{q.source}: answer {q.answer!r} of question {q.id!r} differs from {first.answer!r} "
-                                 f"at {first.source}; questions with one id must be translations of each other")
-    if langs is not None:
-        keep = set(langs)
-        questions = [q for q in questions if q.lang in keep]
-    if not questions:
-        which = f" for {','.join(langs)}" if langs else ""
-        raise AlignError(f"no questions{which} in {p}")
-    return questions
-
-
-def _same_answer(a: str | None, b: str | None) -> bool | None:
-    """True/False when both parse as numbers (1,000 == 1000), None when one is not a number."""
-    def num(x: str | None) -> float | None:
-        if x is None:
-            return None
-        try:
-            return float(x.replace(",", "").replace(" ", ""))
-        except ValueError:
-            return None
-    na, nb = num(a), num(b)
-    if na is None or nb is None:
-        return None
-    return abs(na - nb) <= 1e-9 * max(1.0, abs(na))
+    """Read a parallel question set (questions with the same id are translations of each other)
+    with `tasks.read_task`: MGSM ``mgsm_<lang>.tsv`` files, MSVAMP-style JSON, JSONL
+    ``{"id", "lang", "question", "answer"?}``, or a directory of them (layouts, field mapping
+    and ids: `langneurons.tasks`). ``langs`` keeps only those languages. Errors are one line
+    naming the file and line."""
+    try:
+        examples = read_task(path, langs=langs)
+    except CorpusError as exc:
+        raise AlignError(str(exc)) from None
+    return [Question(id=ex.id, lang=ex.lang, question=ex.question, answer=ex.reference, source=ex.source)
+            for ex in examples]
 
 
 def _questions_sha256(questions: Sequence[Question]) -> str:
@@ -447,15 +283,6 @@ def select_questions(questions: Sequence[Question], pivot: str, langs: Sequence[
 # Language names (for the self-translation prompt) and translation-model codes
 # --------------------------------------------------------------------------------------------
 
-_LANG_NAMES = {
-    "en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian",
-    "ja": "Japanese", "bn": "Bengali", "th": "Thai", "sw": "Swahili", "te": "Telugu", "ar": "Arabic",
-    "hi": "Hindi", "ko": "Korean", "it": "Italian", "pt": "Portuguese", "vi": "Vietnamese",
-    "id": "Indonesian", "tr": "Turkish", "nl": "Dutch", "pl": "Polish", "uk": "Ukrainian", "fa": "Persian",
-    "he": "Hebrew", "el": "Greek", "cs": "Czech", "sv": "Swedish", "fi": "Finnish", "hu": "Hungarian",
-    "ro": "Romanian", "ta": "Tamil", "ur": "Urdu", "ms": "Malay", "tl": "Tagalog", "yo": "Yoruba",
-}
-
 _NLLB_CODES = {
     "en": "eng_Latn", "zh": "zho_Hans", "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ru": "rus_Cyrl",
     "ja": "jpn_Jpan", "bn": "ben_Beng", "th": "tha_Thai", "sw": "swh_Latn", "te": "tel_Telu", "ar": "arb_Arab",
@@ -476,7 +303,7 @@ _MBART50_CODES = {
 
 def language_name(code: str) -> str:
     """English name of a language code (the code itself when unknown)."""
-    return _LANG_NAMES.get(code, _LANG_NAMES.get(code.split("-")[0].split("_")[0], code))
+    return LANGUAGE_NAMES.get(code, LANGUAGE_NAMES.get(code.split("-")[0].split("_")[0], code))
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,109 +312,16 @@ def language_name(code: str) -> str:
 
 
 def _use_chat(tokenizer: Any, chat: bool | None) -> bool:
-    if chat is None:
-        return bool(getattr(tokenizer, "chat_template", None))
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise AlignError("--chat was asked for but the tokenizer has no chat template; use --no-chat")
-    return bool(chat)
+    try:
+        return use_chat(tokenizer, chat)
+    except LangNeuronsError as exc:
+        raise AlignError(str(exc)) from None
 
 
 def _template(config: AlignConfig, chat: bool) -> str:
     if config.prompt_template is not None:
         return config.prompt_template
     return "{question}" if chat else "Q: {question}\nA:"
-
-
-def _render(tokenizer: Any, user_text: str, chat: bool) -> tuple[str, bool]:
-    """The model input for a user message, and whether the tokenizer should add special tokens.
-
-    A rendered chat template already holds the BOS (if any), so its tokens are added as they
-    are; plain prompts get the tokenizer's special tokens, as TRL's tokenisation does for DPO.
-    """
-    if not chat:
-        return user_text, True
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True)
-    return text, False
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-    for value in (eos, getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def _derive_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def _generate(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool, n: int,
-              do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-              seed: int, progress: bool = False, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """``n`` continuations of every text (in input order) as (text, finished) pairs.
-
-    Left padding: new tokens are appended at the right end of each row; `generate` builds position
-    ids from the attention mask, so a padded row sees the positions of an unpadded run.  Each
-    batch reseeds the RNG from (seed, batch index), so the same settings give the same samples.
-    The answer text is the decoded (prompt + answer) minus the decoded prompt: decoding the new
-    tokens alone drops a leading space in SentencePiece tokenizers, and the answer is later
-    appended to the prompt again for training.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
-                           num_return_sequences=n, pad_token_id=pad_id,
-                           eos_token_id=sorted(eos) if eos else None)
-    if do_sample:
-        cfg.temperature, cfg.top_p, cfg.top_k = temperature, top_p, 0
-    encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    out: list[list[tuple[str, bool]]] = [[] for _ in texts]
-    device = _input_device(model)
-    batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
-    iterator: Iterable[Any] = enumerate(batches)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=len(batches), desc=desc, file=sys.stderr)
-    model.eval()
-    for b, idx in iterator:
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            row = encoded[i]
-            ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[r, width - len(row):] = 1
-        torch.manual_seed(_derive_seed(seed, desc, b))
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
-        gen = gen[:, width:].cpu()
-        for r, i in enumerate(idx):
-            prompt_text = tokenizer.decode(encoded[i], skip_special_tokens=True)
-            for k in range(n):
-                new = gen[r * n + k].tolist()
-                cut = next((p for p, t in enumerate(new) if t in eos), None)
-                finished = cut is not None
-                new = new[:cut] if finished else new
-                full = tokenizer.decode(encoded[i] + new, skip_special_tokens=True)
-                text = full[len(prompt_text):] if full.startswith(prompt_text) else \
-                    tokenizer.decode(new, skip_special_tokens=True)
-                out[i].append((text, finished))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,22 +364,17 @@ def sample_answers(model: nn.Module, tokenizer: Any, questions: Sequence[Questio
     if not pivot_qs or not target_qs:
         raise AlignError(f"nothing to sample: need questions in the pivot {config.pivot!r} and in "
                          f"{','.join(langs)} with the same ids")
-    old_side = tokenizer.padding_side
     samples: list[Sample] = []
-    try:
-        tokenizer.padding_side = "left"
-        for kind, qs, n, do_sample in (("pivot", pivot_qs, 1, False), ("sample", target_qs, config.n_samples, True)):
-            prompts = [template.format(question=q.question) for q in qs]
-            rendered = [_render(tokenizer, p, chat) for p in prompts]
-            gens = _generate(model, tokenizer, [r[0] for r in rendered], add_special_tokens=not chat, n=n,
-                             do_sample=do_sample, temperature=config.temperature, top_p=config.top_p,
-                             max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
-                             seed=config.seed, progress=progress, desc=f"{kind} answers")
-            for q, prompt, outs in zip(qs, prompts, gens):
-                samples.extend(Sample(id=q.id, lang=q.lang, kind=kind, index=k, prompt=prompt, text=text,
-                                      finished=finished) for k, (text, finished) in enumerate(outs))
-    finally:
-        tokenizer.padding_side = old_side
+    for kind, qs, n, do_sample in (("pivot", pivot_qs, 1, False), ("sample", target_qs, config.n_samples, True)):
+        prompts = [template.format(question=q.question) for q in qs]
+        gens = generate(model, tokenizer, prompts, GenerateConfig(
+            max_new_tokens=config.max_new_tokens, do_sample=do_sample, temperature=config.temperature,
+            top_p=config.top_p, seed=config.seed, batch_size=config.gen_batch_size, num_return_sequences=n,
+            chat=chat), progress=progress, desc=f"{kind} answers")
+        for g in gens:
+            q = qs[g.prompt_index]
+            samples.append(Sample(id=q.id, lang=q.lang, kind=kind, index=g.sample, prompt=prompts[g.prompt_index],
+                                  text=g.text, finished=g.finished))
     return samples
 
 
@@ -705,7 +434,7 @@ def _mean_forced_logprob(model: nn.Module, rows: Sequence[tuple[list[int], list[
     scores = [float("nan")] * len(rows)
     todo = [i for i, (_, cont) in enumerate(rows) if cont]
     todo.sort(key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-    device = _input_device(model)
+    device = input_device(model)
     model.eval()
     for j in range(0, len(todo), batch_size):
         idx = todo[j:j + batch_size]
@@ -764,7 +493,7 @@ class SelfTranslationScorer:
         source = self._cut(item.text.strip())
         pivot = item.pivot_text.strip()
         if self.chat:
-            prompt, special = _render(tok, f"Translate to {name}: {source}", True)
+            prompt, special = render_prompt(tok, f"Translate to {name}: {source}", True)
             cont = pivot
         else:
             prompt, special = f"Translate to {name}: {source}\n{name}:", True
@@ -996,22 +725,12 @@ def build_pairs(samples: Sequence[Sample], *, min_margin: float = 0.0) -> list[P
 # Step 4: DPO + LoRA
 # --------------------------------------------------------------------------------------------
 
-_LORA_TARGETS: dict[str, list[str]] = {
-    **{mt: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")},
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-
-
 def lora_target_modules(model: nn.Module) -> list[str] | str:
     """The attention and MLP projections of the model's family (PEFT's "all-linear" otherwise,
     which is every linear layer but the LM head)."""
-    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-    return list(_LORA_TARGETS[model_type]) if model_type in _LORA_TARGETS else "all-linear"
+    from .arch import lora_targets  # arch imports torch; this module stays light
+
+    return lora_targets(model) or "all-linear"
 
 
 @dataclass
@@ -1179,7 +898,7 @@ def train_dpo(model: nn.Module, tokenizer: Any, pairs: Sequence[Pair], config: A
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     atomic_write_json(key_file, {"key": key, "pairs_sha256": pairs_sha})
 
-    on_cuda = _input_device(model).type == "cuda"
+    on_cuda = input_device(model).type == "cuda"
     bf16 = config.bf16 if config.bf16 is not None else bool(on_cuda and torch.cuda.is_bf16_supported())
     targets = config.lora_target_modules or lora_target_modules(model)
     # transformers 5 takes a float warmup_steps < 1 as a ratio; 4.x has warmup_ratio
@@ -1268,6 +987,13 @@ def _key(obj: Any) -> str:
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     text = "".join(json.dumps(dict(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
     return atomic_write_text(path, text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

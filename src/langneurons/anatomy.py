@@ -43,7 +43,7 @@ import torch
 
 from .errors import NeuronMapError
 from .io import atomic_write_json, sha256_file
-from .neurons import GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
+from .neurons import COUNTED_CLASSES, GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
 from .runs import RunDir
 
 PHASE_NAMES = (
@@ -52,7 +52,7 @@ PHASE_NAMES = (
     "multilingual output-space transformation",
     "vocabulary-space outputting",
 )
-CLASSES = ("specific", "related", "general", "unassigned")
+CLASSES = COUNTED_CLASSES
 _CODES = {"specific": SPECIFIC, "related": RELATED, "general": GENERAL, "unassigned": UNASSIGNED}
 SCHEMA_VERSION = 1
 

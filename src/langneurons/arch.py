@@ -36,6 +36,7 @@ class MlpArchitecture:
     # the final norm applied to the last residual before the unembedding (logit lens); candidates
     # relative to the top-level model; () = the family has none
     final_norm_paths: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()  # attention + MLP projections for LoRA (empty: PEFT "all-linear")
 
 
 _REGISTRY: dict[str, MlpArchitecture] = {}
@@ -49,6 +50,8 @@ def register_architecture(arch: MlpArchitecture) -> None:
 
 _GATED_LAYERS = ("model.layers", "model.language_model.layers", "language_model.model.layers")
 _GATED_NORMS = ("model.norm", "model.language_model.norm", "language_model.model.norm")
+_GATED_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NEOX_LORA = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 for _fam, _types, _act in [
     ("llama", ("llama",), "silu"),
     ("mistral", ("mistral",), "silu"),
@@ -59,17 +62,28 @@ for _fam, _types, _act in [
     ("gemma3", ("gemma3", "gemma3_text"), "gelu-tanh"),
 ]:
     register_architecture(MlpArchitecture(_fam, _types, _GATED_LAYERS, "mlp.act_fn", "mlp.gate_proj.out_features", _act,
-                                          _GATED_NORMS))
+                                          _GATED_NORMS, _GATED_LORA))
 register_architecture(MlpArchitecture("phi3", ("phi3",), ("model.layers",), "mlp.activation_fn",
-                                      "mlp.down_proj.in_features", "silu (gate half of gate_up_proj)", ("model.norm",)))
+                                      "mlp.down_proj.in_features", "silu (gate half of gate_up_proj)", ("model.norm",),
+                                      ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
 register_architecture(MlpArchitecture("gpt2", ("gpt2",), ("transformer.h",), "mlp.act", "mlp.c_fc.nf", "gelu_new",
-                                      ("transformer.ln_f",)))
+                                      ("transformer.ln_f",), ("c_attn", "c_proj", "c_fc")))
 register_architecture(MlpArchitecture("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "mlp.act",
-                                      "mlp.dense_h_to_4h.out_features", "gelu", ("gpt_neox.final_layer_norm",)))
+                                      "mlp.dense_h_to_4h.out_features", "gelu", ("gpt_neox.final_layer_norm",),
+                                      _NEOX_LORA))
 register_architecture(MlpArchitecture("bloom", ("bloom",), ("transformer.h",), "mlp.gelu_impl",
-                                      "mlp.dense_h_to_4h.out_features", "gelu (tanh approx.)", ("transformer.ln_f",)))
+                                      "mlp.dense_h_to_4h.out_features", "gelu (tanh approx.)", ("transformer.ln_f",),
+                                      _NEOX_LORA))
 register_architecture(MlpArchitecture("opt", ("opt",), ("model.decoder.layers",), "activation_fn",
-                                      "fc1.out_features", "relu", ("model.decoder.final_layer_norm",)))
+                                      "fc1.out_features", "relu", ("model.decoder.final_layer_norm",),
+                                      ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")))
+
+
+def lora_targets(model: nn.Module) -> list[str] | None:
+    """The family's attention + MLP projection names for LoRA, or None (unknown family or no
+    entry: use PEFT's "all-linear", every linear layer but the LM head)."""
+    arch = _REGISTRY.get(_model_type(model))
+    return list(arch.lora_targets) if arch is not None and arch.lora_targets else None
 
 
 def supported_families() -> list[str]:

@@ -39,14 +39,14 @@ import torch
 
 from .errors import LangNeuronsError, StatsError
 from .io import atomic_write, atomic_write_json
-from .neurons import GENERAL, RELATED, SPECIFIC, NeuronMap
+from .neurons import COUNTED_CLASSES, GENERAL, RELATED, SPECIFIC, NeuronMap
 from .runs import RunDir
 
 LambdaPolicy = Literal["strict", "shared", "own"]
 LAMBDA_POLICIES = ("strict", "shared", "own")
 
 #: classes counted per layer (`NeuronMap.counts_per_layer` order)
-COUNT_CLASSES = ("specific", "related", "general", "unassigned")
+COUNT_CLASSES = COUNTED_CLASSES
 #: classes of the transition matrix; "other" = none + unassigned (neither is a language neuron)
 TRANSITION_CLASSES = ("specific", "related", "general", "other")
 #: per-language neuron sets whose overlap is measured ("specific,related" = the usual ablation set)

@@ -24,12 +24,13 @@ Designs
       keeping the documents (and their within-document dependence) intact.
 
 Identification of every resample is exactly `identify()` on the resampled stats (tested):
-the same float32 probabilities, the same τ (k-th value), the same float64 scores rounded to
-float32, the same selection rule and tie order, the same λ search (`EntropyLambda._search`
-itself). What is batched: the resampled counts and probabilities of a chunk of resamples are
-built in one tensor op each ([C, K, L, N]), τ is one batched ``kthvalue`` per chunk, and the
-top-k selection uses ``topk`` (an exact k-th value) instead of a full ``kthvalue``. A method
-registered by a user (not lape / entropy-lambda) runs through `identify()` itself, unbatched.
+it goes through the public `Selector.fit_many` of the method (the same float32
+probabilities, τ, scores, selection rule, tie order and λ search as `Selector.fit`). What is
+batched: the resampled counts and probabilities of a chunk of resamples are built in one
+tensor op each ([C, K, L, N]) and τ is searched near the full data's τ; LAPE and
+entropy-λ override `Selector.fit_probs` with exact fast paths (``topk`` selection, the λ
+bisection on candidate subsets). A method registered by a user gets the batched chunks and
+its own selection without the stats checks and NeuronMap of `fit` (tested: equal to fit()).
 
 Summaries
     * selection frequency of a neuron: share of the resamples that select it; class frequency:
@@ -61,18 +62,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import LangNeuronsError
-from .identify import (
-    METHODS,
-    EntropyLambda,
-    IdentifyError,
-    Lape,
-    _Evaluation,
-    classify,
-    harmonic_norm,
-    lape_entropy,
-    normalized_entropy,
-    selection_size,
-)
+from .identify import METHODS, IdentifyError, SelectionFit, Selector, selection_size
 from .neurons import CLASS_NAMES, GENERAL, RELATED, SPECIFIC, UNASSIGNED, NeuronMap
 from .runs import RunDir
 from .stats import ActivationStats
@@ -362,149 +352,19 @@ class ResampleFit:
                 "selected": int(self.sel_index.numel())}
 
 
-def _kth_lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-indexed) as the largest of the k smallest (``topk``: ~2x
-    faster than ``kthvalue`` for the small k of a selection)."""
-    return torch.topk(flat, k, largest=False, sorted=False).values.max()
-
-
-def _select_lowest(scores: torch.Tensor, k: int, kth: torch.Tensor | None = None) -> torch.Tensor:
-    """`identify.select_lowest`, with the k-th value computed by the fast top-k path here."""
-    from .identify import select_lowest
-
-    if kth is None and 0 < k < scores.numel():
-        kth = _kth_lowest(scores.reshape(-1), k)
-    return select_lowest(scores, k, kth)
-
-
-def _kth_near(values: torch.Tensor, k: int, guess: float | None, rel: float = 0.01) -> torch.Tensor:
-    """Exactly ``torch.kthvalue(values.flatten(), k).values``, fast when the k-th value lies
-    within ±rel of ``guess`` (a resample's τ is close to the full data's): count the values
-    below the window; if the k-th one falls inside it, select among the window's values only."""
-    flat = values.reshape(-1)
-    if guess is not None and math.isfinite(guess) and guess > 0:
-        lo = torch.tensor(guess * (1 - rel), dtype=flat.dtype)
-        hi = torch.tensor(guess * (1 + rel), dtype=flat.dtype)
-        below = int(torch.count_nonzero(flat < lo))
-        window = (flat >= lo) & (flat <= hi)
-        inside = int(torch.count_nonzero(window))
-        if below < k <= below + inside:
-            return torch.kthvalue(flat[window], k - below).values
-    return torch.kthvalue(flat, k).values
-
-
-def _lambda_evaluator(probs: torch.Tensor, n_active: torch.Tensor, k: int) -> Callable[[float], _Evaluation]:
-    """``evaluate(λ)`` of `EntropyLambda._select`, bit for bit, evaluated on a candidate subset
-    when λ lies between two λ's already evaluated on all neurons.
-
-    Why the subset is exact: the computed score s_n(λ) = fl(e_n − fl(fl(m_n·λ)/c)) never rises
-    with λ (m_n = max_k p >= 0 and every rounding step is monotone), nor does its float32
-    rounding f. For a <= λ <= b, a selected neuron has f(s_n(λ)) <= F_λ (the k-th smallest
-    at λ) <= F_a, and f(s_n(b)) <= f(s_n(λ)); so every neuron the selection can reach is in
-    C = {n : f(s_n(b)) <= F_a}. The k lowest over C (kept in flat-index order, so ties break
-    the same way) are the k lowest over all neurons. The bisection of the automatic λ search
-    evaluates only such λ's, on a C that is usually a few times k instead of L·N."""
-    K, L, N = probs.shape
-    entropy = normalized_entropy(probs).reshape(-1)
-    max_prob = probs.amax(0).to(torch.float64).reshape(-1)
-    norm = harmonic_norm(K)
-    general = (n_active == K).reshape(-1)
-    full: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # λ -> (float32 scores, k-th smallest)
-    subsets: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def on_all(value: float) -> _Evaluation:
-        # published order: e − max_act·λ / norm_max, in float64, stored as float32
-        scores = (entropy - max_prob * value / norm).to(torch.float32)
-        kth = _kth_lowest(scores, k) if k < scores.numel() else scores.max()
-        full[value] = (scores, kth)
-        chosen = _select_lowest(scores, k, kth)
-        return _Evaluation(value, chosen.view(L, N), scores.view(L, N), int(torch.count_nonzero(chosen & general)))
-
-    def evaluate(value: float) -> _Evaluation:
-        lower = [x for x in full if x <= value]
-        upper = [x for x in full if x >= value]
-        if not lower or not upper:
-            return on_all(value)
-        a, b = max(lower), min(upper)
-        if (a, b) not in subsets:
-            idx = torch.nonzero(full[b][0] <= full[a][1]).flatten()
-            subsets[(a, b)] = (idx, entropy[idx], max_prob[idx], general[idx])
-        idx, ent, mp, gen = subsets[(a, b)]
-        if idx.numel() < k:  # cannot happen (see above); never trust a shortcut silently
-            return on_all(value)
-        scores = (ent - mp * value / norm).to(torch.float32)
-        chosen = _select_lowest(scores, k)
-        selected = torch.zeros(L * N, dtype=torch.bool)
-        selected[idx[chosen]] = True
-        return _Evaluation(value, selected.view(L, N), None, int(torch.count_nonzero(chosen & gen)))  # type: ignore[arg-type]
-
-    return evaluate
-
-
-def _fit_probs(probs: torch.Tensor, tau: torch.Tensor, spec: IdentifySpec) -> ResampleFit:
-    """Identification from float32 probabilities and τ, step for step as `Selector.fit`."""
-    K, L, N = probs.shape
-    sel = spec.selector()
-    active = probs > tau
-    # the same integers as active.sum(0), ~20x faster in uint8 (fits: K < 256)
-    n_active = active.view(torch.uint8).sum(0, dtype=torch.uint8) if K < 256 else active.sum(0)
-    k = selection_size(sel.top_rate, L * N)
-    if k < 1:
-        raise IdentifyError(f"top_rate={sel.top_rate} selects no neuron; raise --top-rate")
-    lam: float | None = None
-    saturated, evaluations = False, 1
-    if isinstance(sel, Lape):
-        scores = lape_entropy(probs).to(torch.float32)
-        eligible = n_active > 0
-        scores[~eligible] = math.inf
-        num_eligible = int(eligible.sum())
-        if num_eligible == 0:
-            raise IdentifyError("no neuron is active above τ in any language, so LAPE selects nothing")
-        selected = _select_lowest(scores, min(k, num_eligible))
-    elif isinstance(sel, EntropyLambda):
-        evaluate = _lambda_evaluator(probs, n_active, k)
-        sel.lambda_trace_, sel.lambda_saturated_, sel.lambda_bracket_ = [], False, None
-        if sel._is_auto():
-            best = sel._search(evaluate, K)  # the published bisection (+ widening), exactly as identify()
-            evaluations = len(sel.lambda_trace_)
-        else:
-            best = evaluate(float(sel.lam))
-        selected, lam, saturated = best.selected, float(best.lam), bool(sel.lambda_saturated_)
-    else:  # pragma: no cover - guarded by fit_counts
-        raise ConfidenceError(f"method {spec.method} has no batched path")
-    classes = classify(selected, n_active, K)
-    return ResampleFit.build(selected, classes, active, n_active, float(tau), lam, saturated, evaluations)
-
-
-def _fit_reference(positive: torch.Tensor, tokens: torch.Tensor, spec: IdentifySpec, languages: Sequence[str],
-                   meta: dict[str, Any]) -> ResampleFit:
-    """Any registered method, through `identify()` itself (unbatched)."""
-    sel = spec.selector()
-    st = ActivationStats(list(languages), positive.to(torch.int64), tokens.to(torch.int64), None, dict(meta))
-    sel.fit(st)
-    return ResampleFit.build(sel.selected_, sel.classes_, sel.active_, sel.n_active_, float(sel.tau_), sel.lambda_,
-                             bool(getattr(sel, "lambda_saturated_", False)),
-                             max(1, len(getattr(sel, "lambda_trace_", []))))
-
-
-def _batched(spec: IdentifySpec) -> bool:
-    return METHODS.get(spec.method) in (Lape, EntropyLambda)
+def _resample_fit(fit: SelectionFit) -> ResampleFit:
+    return ResampleFit.build(fit.selected, fit.classes, fit.active, fit.n_active, fit.tau, fit.lam, fit.saturated,
+                             fit.evaluations)
 
 
 def fit_counts(positive: torch.Tensor, tokens: torch.Tensor, spec: IdentifySpec,
                languages: Sequence[str] | None = None, tau_guess: float | None = None) -> ResampleFit:
     """Identify from counts ([K, L, N] integers, possibly as float64, and [K] tokens); equals
     ``identify(ActivationStats(..., positive, tokens), spec.method, **spec.params)``."""
-    if not _batched(spec):
-        langs = list(languages) if languages else [f"lang{k}" for k in range(positive.shape[0])]
-        return _fit_reference(positive, tokens, spec, langs, {})
-    probs = positive.to(torch.float32) / tokens.to(torch.float32).view(-1, 1, 1)
-    sel = spec.selector()
-    k_tau = selection_size(sel.bar, probs.numel())
-    if not 1 <= k_tau <= probs.numel():
-        raise IdentifyError(f"bar={sel.bar} gives k={k_tau} for {probs.numel()} probabilities")
-    tau = _kth_near(probs, k_tau, tau_guess)
-    return _fit_probs(probs, tau, spec)
+    [fit] = spec.selector().fit_many(positive.unsqueeze(0), tokens.unsqueeze(0), tau_guess=tau_guess)
+    if isinstance(fit, IdentifyError):
+        raise fit
+    return _resample_fit(fit)
 
 
 def _chunk_size(stats: ActivationStats, total: int, budget: int = CHUNK_BYTES) -> int:
@@ -525,31 +385,22 @@ def fit_design(stats: ActivationStats, W: torch.Tensor, spec: IdentifySpec,
 
     R = int(W.shape[0])
     chunk = chunk or _chunk_size(stats, R)
-    batched = _batched(spec)
     sel = spec.selector()
-    K, L, N = len(stats.languages), stats.num_layers, stats.num_neurons
-    k_tau = selection_size(sel.bar, K * L * N)
+    batched = type(sel).fit_probs is not Selector.fit_probs  # a method-specific fast path
     bar = tqdm(total=R, desc=desc, unit="fit", disable=not progress, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
     failed = 0
     try:
         for start in range(0, R, chunk):
             pos, tok = design_counts(stats, W[start:start + chunk])
-            C = pos.shape[0]
-            if batched:
-                # float64 -> float32 rounds an exactly held integer as int64 -> float32 does
-                probs = pos.to(torch.float32, copy=True).div_(tok.to(torch.float32).view(C, K, 1, 1))
-                del pos
-            for c in range(C):
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # saturation and few-token warnings, once per resample
-                        fit = _fit_probs(probs[c], _kth_near(probs[c], k_tau, tau_guess), spec) if batched else \
-                            _fit_reference(pos[c], tok[c], spec, stats.languages, stats.meta)
-                    consume(start + c, fit, None)
-                except IdentifyError as exc:
+            fits = sel.fit_many(pos, tok, tau_guess=tau_guess)
+            del pos
+            for c, fit in enumerate(fits):
+                if isinstance(fit, IdentifyError):
                     failed += 1
-                    consume(start + c, None, str(exc))
+                    consume(start + c, None, str(fit))
+                else:
+                    consume(start + c, _resample_fit(fit), None)
                 bar.update(1)
     finally:
         bar.close()

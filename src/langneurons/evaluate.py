@@ -35,15 +35,15 @@ MGSM accuracy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
-import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -55,11 +55,15 @@ from .corpus import Example
 from .errors import CorpusError, LangNeuronsError, NeuronMapError
 from .intervene import deactivate, mask_key, matched_control, random_control
 from .io import atomic_write_text
-from .record import RecordConfig, encode_example
+from .lm import encode_example, input_device
+from .neurons import DEFAULT_SETS
+from .lm import generate as lm_generate
+from .lm import pad_id as tokenizer_pad_id
+from .record import RecordConfig
+from .tasks import ANSWER_FIELDS, answer_number, extract_final_number, read_task
 
 EvalScope = Literal["all", "response"]
 METRICS = ("nll", "ppl", "bpb")
-DEFAULT_SETS = ("specific", "specific,related", "specific,related,general")
 LN2 = math.log(2.0)
 
 
@@ -147,24 +151,13 @@ def encode_for_eval(tokenizer: Any, ex: Example | str, scope: EvalScope = "all",
     return _Doc(enc.input_ids, scored, n_bytes)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise LangNeuronsError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return int(pad)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @torch.inference_mode()
 def _score_docs(model: nn.Module, docs: Sequence[_Doc], *, pad_id: int, batch_size: int, scope: str,
                 rows_per_chunk: int = 1024, after_batch: Any = None) -> EvalResult:
     """Summed true-token NLL per document (right padding, length-bucketed batches)."""
     if batch_size < 1:
         raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
-    device = _input_device(model)
+    device = input_device(model)
     doc_nll = torch.zeros(len(docs), dtype=torch.float64)
     doc_tokens = [sum(d.scored) for d in docs]
     live = [i for i, d in enumerate(docs) if doc_tokens[i] > 0]
@@ -207,7 +200,7 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_examples: Sequence[Exa
     limit = _model_max_length(model, max_length)
     docs = [encode_for_eval(tokenizer, x, scope, limit, separator) for x in texts_or_examples]
     _warn_skipped(docs, scope)
-    return _score_docs(model.eval(), docs, pad_id=_pad_id(tokenizer), batch_size=batch_size, scope=scope)
+    return _score_docs(model.eval(), docs, pad_id=tokenizer_pad_id(tokenizer), batch_size=batch_size, scope=scope)
 
 
 def _warn_skipped(docs: Sequence[_Doc], scope: str, what: str = "") -> None:
@@ -405,7 +398,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     if not eval_corpus:
         raise CorpusError("the evaluation corpus is empty")
     model = model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     limit = _model_max_length(model, max_length)
 
     docs: dict[str, list[_Doc]] = {}
@@ -659,71 +652,32 @@ def _frame(rows: list[dict]) -> Any:
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
-def _generation_config(model: nn.Module, max_new_tokens: int, pad_id: int) -> Any:
-    from transformers import GenerationConfig
-
-    base = getattr(model, "generation_config", None)
-    eos = getattr(base, "eos_token_id", None) if base is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    # A fresh config: greedy, no sampling parameters inherited from the model's defaults.
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                            eos_token_id=eos)
-
-
-def _render_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
-    if not chat:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-@torch.inference_mode()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
              mask: Any = None, positions: str = "all", batch_size: int = 8, mode: str = "zero",
              factor: float = 0.0, values: torch.Tensor | None = None, act_path: str | None = None,
              chat: bool | None = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (in input order), optionally with neurons deactivated.
+    """Greedy continuations of ``prompts`` (texts of the new tokens, in input order), optionally
+    with neurons deactivated; a thin wrapper of `lm.generate` (which also gives token ids and
+    stop reasons).
 
     ``chat``: apply the tokenizer's chat template (None: when the tokenizer has one).
     """
-    if batch_size < 1:
-        raise LangNeuronsError(f"--batch-size must be >= 1, got {batch_size}")
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    model = model.eval()
-    pad_id = _pad_id(tokenizer)
-    device = _input_device(model)
-    gen_cfg = _generation_config(model, max_new_tokens, pad_id)
     sites = locate_activations(model, act_path) if mask is not None else None
-    texts = [_render_prompt(tokenizer, p, bool(chat)) for p in prompts]
-    lengths = [len(tokenizer(t, add_special_tokens=not chat)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths: fewer pads
-    outputs: list[str] = [""] * len(texts)
-    # Left padding: a decoder appends new tokens at the right end of each row, so with right
-    # padding they would follow pad tokens. generate builds position ids from the attention mask,
-    # so left-padded rows see the same positions as unpadded ones (tested: batch 1 vs 3 agree).
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for j in range(0, len(order), batch_size):
-            idx = order[j:j + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=not chat)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            T = int(enc["input_ids"].shape[1])
-            if mask is None:
-                out = model.generate(**enc, generation_config=gen_cfg)
-            else:
-                with deactivate(model, mask, mode=mode, factor=factor, values=values,  # type: ignore[arg-type]
-                                positions=positions, prompt_length=T, sites=sites) as iv:  # type: ignore[arg-type]
-                    out = model.generate(**enc, generation_config=gen_cfg)
-                iv.check_fired()
-            decoded = tokenizer.batch_decode(out[:, T:], skip_special_tokens=True)
-            for i, text in zip(idx, decoded):
-                outputs[i] = text
-    finally:
-        tokenizer.padding_side = old_side
-    return outputs
+
+    def during(width: int) -> Any:
+        return _checked_deactivate(model, mask, mode=mode, factor=factor, values=values, positions=positions,
+                                   prompt_length=width, sites=sites)
+
+    gens = lm_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
+                       batch_context=during if mask is not None else None)
+    return [g.text for g in gens]
+
+
+@contextlib.contextmanager
+def _checked_deactivate(model: nn.Module, mask: Any, **kw: Any) -> Any:
+    with deactivate(model, mask, **kw) as iv:
+        yield iv
+    iv.check_fired()
 
 
 GENERATION_FIELDS = ("prompt", "output", "deactivated_lang", "neuron_set", "requested_lang", "detected_lang")
@@ -788,86 +742,10 @@ def detect_language(text: str, languages: Sequence[str] | None = None) -> str | 
 # --------------------------------------------------------------------------------------------
 # MGSM-style accuracy
 # --------------------------------------------------------------------------------------------
-_PUNCT = {"\uff0c": ",", "\uff0e": ".", "\u066b": ".", "\u066c": ",", "\u2212": "-", "\uff0d": "-",
-          "\u00a0": " ", "\u202f": " ", "\u2009": " ", "\u2007": " ", "\u2019": "'"}
-_NUMBER = re.compile(r"""
-    (?<![0-9A-Za-z_.,'])                   # not the tail of a word or of a number
-    (?P<sign>-)?
-    (?P<body>
-        \d{1,3}(?P<sep>[,.' ])\d{3}(?:(?P=sep)\d{3})*(?:(?!(?P=sep))[.,]\d+)?   # grouped thousands
-      | \d+(?:[.,]\d+)?                                                        # plain or decimal
-    )
-    (?!\d)
-""", re.X)
-
-
-def _normalise_digits(text: str) -> str:
-    # Any decimal digit (full-width, Arabic-Indic, Bengali, Thai, Devanagari...) -> ASCII. Only
-    # category Nd: superscripts like the ² of "m²" are not numbers of the answer.
-    out = []
-    for ch in text:
-        if ch in _PUNCT:
-            out.append(_PUNCT[ch])
-        elif not ch.isascii() and unicodedata.category(ch) == "Nd":
-            out.append(str(unicodedata.digit(ch)))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _parse_number(sign: str | None, body: str, sep: str | None) -> Decimal | None:
-    if sep:
-        head, _, _ = body.partition(sep)
-        if head == "0" and sep in ".,":  # "0.500" / "0,5" are decimals, not thousands
-            body = body.replace(sep, ".", 1)
-        else:
-            body = body.replace(sep, "")
-        body = body.replace(",", ".")
-    else:
-        body = body.replace(",", ".")
-    try:
-        value = Decimal(body)
-    except InvalidOperation:
-        return None
-    return -value if sign else value
-
-
-def _canonical(value: Decimal) -> str:
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
-def extract_final_number(text: str) -> str | None:
-    """The LAST number in ``text`` as a canonical string ("1234", "-5", "1.5"), or None.
-
-    Thousands separators "1,234" "1.234" "1 234" "1'234" (a separator followed by exactly three
-    digits is a thousands separator, except after a lone 0: "0.125"); decimal comma "2,5";
-    negative numbers; any Unicode decimal digits (full-width, Arabic-Indic, Bengali, Thai,
-    Devanagari); a trailing period is punctuation. Not handled: number words and CJK numerals.
-    """
-    if not text:
-        return None
-    last = None
-    for m in _NUMBER.finditer(_normalise_digits(text)):
-        value = _parse_number(m.group("sign"), m.group("body"), m.group("sep"))
-        if value is not None:
-            last = value
-    return None if last is None else _canonical(last)
-
-
-def _answer_value(answer: Any) -> Decimal | None:
-    if isinstance(answer, bool) or answer is None:
-        return None
-    if isinstance(answer, (int, float)):
-        return Decimal(str(answer))
-    parsed = extract_final_number(str(answer))
-    return None if parsed is None else Decimal(parsed)
-
-
 def score_math(response: str, answer: Any, lang: str, *, languages: Sequence[str] | None = None) -> dict[str, Any]:
     """{"correct", "number_ok", "lang_ok", "detected", "predicted"} for one MGSM-style response."""
     predicted = extract_final_number(response)
-    reference = _answer_value(answer)
+    reference = answer_number(answer)
     if reference is None:
         raise CorpusError(f"reference answer {answer!r} has no number")
     number_ok = predicted is not None and Decimal(predicted) == reference
@@ -884,80 +762,17 @@ class MathExample(Example):
     answer: str = ""
 
 
-_QUESTION_KEYS = ("question", "prompt", "input")
-_ANSWER_KEYS = ("answer_number", "answer", "target")
-
-
-def _math_record(rec: Any, lang: str | None, where: str) -> MathExample:
-    if not isinstance(rec, dict):
-        raise CorpusError(f"{where}: expected a JSON object with question/answer, got {type(rec).__name__}")
-    q = next((rec[k] for k in _QUESTION_KEYS if isinstance(rec.get(k), str)), None)
-    if q is None:
-        raise CorpusError(f"{where}: no question field ({'/'.join(_QUESTION_KEYS)}); fields are {sorted(rec)}")
-    raw = next((rec[k] for k in _ANSWER_KEYS if rec.get(k) is not None), None)
-    value = _answer_value(raw)
-    if value is None:
-        raise CorpusError(f"{where}: no numeric answer ({'/'.join(_ANSWER_KEYS)}); fields are {sorted(rec)}")
-    rec_lang = rec.get("lang", rec.get("language", lang))
-    if not rec_lang:
-        raise CorpusError(f"{where}: no language: name the file mgsm_<lang>.json(l) or give a 'lang' field")
-    text_answer = rec.get("answer") if isinstance(rec.get("answer"), str) else None
-    response = text_answer or _canonical(value)
-    return MathExample(str(rec_lang), prompt=q, response=response, id=str(rec.get("id", "")) or None,
-                       source=where, answer=_canonical(value))
-
-
-def _lang_from_name(path: Path) -> str | None:
-    m = re.match(r"^mgsm[_-]([A-Za-z]{2,3}(?:[-_][A-Za-z]+)?)$", path.stem)
-    return m.group(1) if m else None
-
-
 def read_mgsm(path: str | Path, lang: str | None = None) -> list[MathExample]:
-    """Read MGSM-style math problems: ``mgsm_<lang>.tsv`` (``question<TAB>answer``, no header),
-    JSON (a list, or {"data": [...]}) or JSONL with question + answer_number/answer fields; a
-    directory of such files. ``lang`` keeps one language (and names a file without mgsm_<lang>)."""
-    p = Path(path)
-    if not p.exists():
-        raise CorpusError(f"MGSM path {p} does not exist; give mgsm_<lang>.tsv files, JSON or JSONL")
-    files = sorted(x for x in p.iterdir() if x.suffix in (".tsv", ".json", ".jsonl") and not x.name.startswith(".")) \
-        if p.is_dir() else [p]
-    out: list[MathExample] = []
-    for f in files:
-        file_lang = _lang_from_name(f)
-        if p.is_dir() and lang and file_lang and file_lang != lang:
-            continue
-        default = file_lang or lang
-        lines = f.read_text(encoding="utf-8").splitlines() if f.suffix != ".json" else []
-        if f.suffix == ".tsv":
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                q, sep, a = line.rpartition("\t")
-                if not sep:
-                    raise CorpusError(f"{f}:{i}: expected 'question<TAB>answer'")
-                out.append(_math_record({"question": q, "answer_number": a.strip()}, default, f"{f}:{i}"))
-        elif f.suffix == ".jsonl":
-            for i, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{f}:{i}: invalid JSON ({exc.msg})") from None
-                    out.append(_math_record(rec, default, f"{f}:{i}"))
-        else:
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{f}: invalid JSON ({exc.msg})") from None
-            if isinstance(data, dict):
-                data = data.get("data", data.get("examples"))
-            if not isinstance(data, list):
-                raise CorpusError(f"{f}: expected a JSON list of problems (or {{'data': [...]}})")
-            out.extend(_math_record(rec, default, f"{f}[{i}]") for i, rec in enumerate(data))
-    if lang:
-        out = [e for e in out if e.lang == lang]
-    if not out:
-        raise CorpusError(f"no MGSM problems{' for ' + lang if lang else ''} in {p}")
+    """MGSM-style math problems with a numeric answer, read by `tasks.read_task` (MGSM TSV,
+    the HF MGSM JSON/JSONL rows, MSVAMP JSON, {lang, id, question, answer} JSONL; a directory
+    of them). ``lang`` keeps one language (and names a file without mgsm_<lang>)."""
+    out = []
+    for ex in read_task(path, lang, parallel=False):
+        if ex.answer is None:
+            raise CorpusError(f"{ex.source}: no numeric answer (one of {', '.join(ANSWER_FIELDS)}); "
+                              "accuracy needs a number to compare with")
+        out.append(MathExample(ex.lang, prompt=ex.question, response=ex.answer_text or ex.answer, id=ex.id,
+                               source=ex.source, answer=ex.answer))
     return out
 
 

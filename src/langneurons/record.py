@@ -61,6 +61,7 @@ from . import __version__, distributed
 from .arch import ActivationSites, body_of, locate_activations
 from .corpus import Corpus, Example
 from .errors import CorpusError, LangNeuronsError, StatsError
+from .lm import Encoded, encode_example  # noqa: F401  (re-exported: record.encode_example)
 from .runs import RunDir
 from .stats import ActivationStats, LanguageStats, read_manifest_checked
 
@@ -113,46 +114,6 @@ class RecordConfig:
         for k in ("batch_size", "flush_every", "keep_sums", "buckets"):
             d.pop(k)
         return d
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    counted: list[bool]  # which positions are counted
-    doc_index: int = 0  # index among the language's counted documents (before shard/rank split)
-
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    return set(getattr(tokenizer, "all_special_ids", []) or [])
-
-
-def encode_example(tokenizer: Any, ex: Example, cfg: RecordConfig, max_length: int) -> tuple[Encoded, bool]:
-    """Tokenise one example and mark its counted tokens. Returns (encoded, truncated)."""
-    if cfg.scope == "response":
-        if not ex.is_pair:
-            raise CorpusError(f"{ex.source or ex.lang}: the 'response' scope needs prompt/response pairs, "
-                              "but this example is plain text; use --scope all")
-        text = ex.prompt + cfg.separator + ex.response  # type: ignore[operator]
-        boundary = len(ex.prompt) + len(cfg.separator)  # type: ignore[arg-type]
-    else:
-        text = ex.text if not ex.is_pair else ex.prompt + cfg.separator + ex.response  # type: ignore[operator]
-        boundary = 0
-    if not getattr(tokenizer, "is_fast", False) and cfg.scope == "response":
-        raise LangNeuronsError("the 'response' scope needs a fast tokenizer (character offsets); "
-                               "load the model with a tokenizer.json")
-    enc = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True,
-                    return_offsets_mapping=cfg.scope == "response", truncation=False)
-    ids: list[int] = list(enc["input_ids"])
-    special: list[int] = list(enc.get("special_tokens_mask") or [0] * len(ids))
-    counted = [cfg.include_special or not s for s in special]
-    if cfg.scope == "response":
-        offsets = enc["offset_mapping"]
-        counted = [c and not s and start >= boundary and end > start
-                   for c, s, (start, end) in zip(counted, special, offsets)]
-    truncated = len(ids) > max_length
-    if truncated:
-        ids, counted = ids[:max_length], counted[:max_length]
-    return Encoded(ids, counted), truncated
 
 
 #: activations handled at once by the counting hook (rows x neurons); the hook's transient memory

@@ -123,7 +123,7 @@ class IdentifyStage(Stage[Any]):
         if self._stats is None:
             from .stats import ActivationStats
 
-            stats = ActivationStats.load(self.run.path)
+            stats = ActivationStats.load(self.run.path, buckets=False)  # identification never reads buckets
             self._stats = stats.subset(self.config.langs) if self.config.langs else stats
             info = self.run.read_manifest().get("model") or {}
             for key in ("model", "model_fingerprint"):

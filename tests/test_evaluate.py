@@ -361,8 +361,8 @@ def test_cli_ablate(tmp_path, capsys):
     corpus.mkdir()
     for lang in ("en", "de", "ru"):
         (corpus / f"{lang}.txt").write_text("\n".join(SAMPLE_TEXTS[lang][:2]) + "\n", encoding="utf-8")
-    main(["ablate", str(run_dir), "--classes", "specific;specific,related", "--control-seeds", "0",
-          "--eval-corpus", str(corpus), "--no-progress", "--device", "cpu"])
+    main(["ablate", str(run_dir), "--classes", "specific;specific,related", "--control", "layer",
+          "--control-seeds", "0", "--eval-corpus", str(corpus), "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "ΔNLL/token" in out and "random:specific" in out
     run = RunDir(run_dir)

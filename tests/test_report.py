@@ -218,8 +218,19 @@ def test_html_tables_carry_the_run_numbers(built):
     phase_rows = [r for r in doc.tables["section-anatomy"][0][1:]]
     assert [r[1] for r in phase_rows] == [p["name"] for p in an["phases"]]
     assert [r[2] for r in phase_rows] == [f"{p['start']}–{p['end']}" for p in an["phases"]]
-    # interventions fallback / plug-in: the diagonal effect must be visible somewhere in the section
-    assert doc.tables.get("section-interventions") is not None
+    # the interventions section shows each language's own ΔNLL (the diagonal of ablation.parquet)
+    df = pd.read_parquet(RunDir(d).ablation_path)
+    diag = df[(df.metric == "nll") & (df.neuron_set == "specific") & (df.deactivated_lang == df.eval_lang)]
+    own = {}
+    for t in doc.tables["section-interventions"]:
+        if t and "ΔNLL own" in t[0] and t[0][0] == "deactivated":
+            col = t[0].index("ΔNLL own")
+            own = {r[0]: r[col] for r in t[1:] if r and r[0] in LANGS}
+            break
+    assert diag.shape[0] and own
+    for r in diag.itertuples():
+        if r.deactivated_lang in own:
+            assert own[r.deactivated_lang] == f"{r.delta:+.4f}", (r.deactivated_lang, own)
 
 
 def test_plain_ablation_tables_match_the_parquet(built):
@@ -238,7 +249,7 @@ def test_plain_ablation_tables_match_the_parquet(built):
             assert float(cell) == pytest.approx(want, rel=1e-3)
 
 
-def test_sections_plug_in_without_editing_html(tmp_path):
+def test_sections_plug_in_without_editing_html(tmp_path, monkeypatch):
     from langneurons.report import build_report, register_section
     from langneurons.report.sections import unregister_section
 
@@ -249,6 +260,9 @@ def test_sections_plug_in_without_editing_html(tmp_path):
     register_section("nothing", "Nothing here", lambda run_dir: None, order=61)
     register_section("broken", "Broken", lambda run_dir: 1 / 0, order=62)
     try:
+        with pytest.raises(ZeroDivisionError):  # the test suite's strict mode: a crashing renderer fails
+            build_report(tmp_path)
+        monkeypatch.setenv("LANGNEURONS_STRICT_REPORT", "0")  # a user's report: an error note instead
         text = build_report(tmp_path).read_text(encoding="utf-8")
     finally:
         for name in ("plugin-demo", "nothing", "broken"):

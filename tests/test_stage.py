@@ -209,3 +209,32 @@ def test_stability_annotation_keeps_identify_current(setup, capsys):
     from langneurons.neurons import NeuronMap
 
     assert "stable_core" in NeuronMap.load(out).extras
+
+
+def test_edited_artifacts_are_refused_unless_accepted(setup, capsys):
+    """Issue 19, item 3: a byte flip in the neuron map or an edited ablation table is never
+    analysed or reported as if a stage had made it."""
+    model, corpus, _, out = setup
+    _run(model, corpus, out)
+    capsys.readouterr()
+    ablation = out / "ablation.parquet"
+    df = pd.read_parquet(ablation)
+    df.loc[0, "delta"] = 99.0  # a hand edit
+    df.to_parquet(ablation, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "ablation.parquet" in err[0] and "--accept-edited" in err[0]
+    (out / "report.html").unlink()
+    main(["report", str(out), "--accept-edited"])  # deliberately edited: rendered as it is
+    assert (out / "report.html").is_file()
+    # a flipped byte in the neuron map: anatomy refuses
+    neurons = out / "neurons.safetensors"
+    data = bytearray(neurons.read_bytes())
+    data[-3] ^= 0x01
+    neurons.write_bytes(bytes(data))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["anatomy", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:")

@@ -582,7 +582,8 @@ def analyze_run(run_dir: str | Path, pivot: str = "en", config: PhaseConfig | No
     return analyze(nmap, pivot, config, neurons_sha256=sha256_file(run.neurons_path))
 
 
-def load_or_analyze(run_dir: str | Path, pivot: str | None = None, save: bool = True) -> Anatomy:
+def load_or_analyze(run_dir: str | Path, pivot: str | None = None, save: bool = True, *,
+                    accept_edited: bool = False) -> Anatomy:
     """RUN_DIR/anatomy.json when the anatomy stage is current for this neuron map (and pivot),
     else recompute (and save + record the stage when ``save``). ``pivot`` None keeps the pivot
     of the last anatomy (else "en")."""
@@ -593,7 +594,7 @@ def load_or_analyze(run_dir: str | Path, pivot: str | None = None, save: bool = 
         raise NeuronMapError(f"{run.neurons_path} does not exist; run `langneurons identify {run_dir}` first")
     if pivot is None:
         pivot = str(run.stage_result("anatomy").get("pivot") or "en")
-    stage = AnatomyStage(run, pivot, by="report")
+    stage = AnatomyStage(run, pivot, by="report", accept_edited=accept_edited)
     if save:
         return stage.run_stage()
     return stage.load() if stage.fresh() else stage.compute()

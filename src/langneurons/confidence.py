@@ -109,8 +109,7 @@ class IdentifySpec:
             sel = cls(**self.params)
         except TypeError as exc:
             raise ConfidenceError(f"bad parameters for method {self.method!r}: {exc}") from None
-        sel._check_params()
-        return sel
+        return sel.check_params()
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "params": {k: (list(v) if isinstance(v, tuple) else v)

@@ -364,6 +364,12 @@ class Selector:
                 out.append(exc)
         return out
 
+    def check_params(self) -> "Selector":
+        """Validate the hyper-parameters (one-line `IdentifyError`); returns ``self``. `fit` calls
+        it too; callers that build selectors for later use (bootstrap specs) call it up front."""
+        self._check_params()
+        return self
+
     # -- subclass hooks ------------------------------------------------------------------
     def _select(self, probs: torch.Tensor, n_active: torch.Tensor, k: int) -> None:
         raise NotImplementedError

@@ -98,12 +98,15 @@ class Stage(ABC, Generic[T]):
     `write` and `load` (to return the current result without recomputing it)."""
 
     name: ClassVar[str]
+    #: stages whose outputs this one reads: their recorded checksums are verified before it runs
+    upstream: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, run: Any, *, by: str = ""):
+    def __init__(self, run: Any, *, by: str = "", accept_edited: bool = False):
         from .runs import RunDir
 
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.by = by or self.name
+        self.accept_edited = accept_edited
 
     # -- what a subclass provides ----------------------------------------------------------
     @abstractmethod
@@ -133,7 +136,9 @@ class Stage(ABC, Generic[T]):
         return is_fresh(self.run, self.name, self.inputs())
 
     def run_stage(self, *, force: bool = False, echo: Callable[[str], None] | None = None) -> T:
-        """Compute and write unless fresh (then load); record the stage in the manifest."""
+        """Compute and write unless fresh (then load); record the stage in the manifest. The
+        upstream artifacts are verified first: an edited or corrupted input is refused."""
+        verify_inputs(self.run, *self.upstream, accept_edited=self.accept_edited)
         if not force and self.fresh():
             loaded = self.load()
             if loaded is not None:

@@ -112,6 +112,7 @@ class IdentifyStage(Stage[Any]):
     """neurons.safetensors from the run's stats (or stats given in memory)."""
 
     name = "identify"
+    upstream = ("record",)
 
     def __init__(self, run: RunDir | str | Path, config: IdentifyConfig, stats: Any = None, *, by: str = ""):
         super().__init__(run, by=by)
@@ -159,9 +160,11 @@ class AnatomyStage(Stage[Any]):
     """anatomy.json from the neuron map (and the phase settings)."""
 
     name = "anatomy"
+    upstream = ("identify",)
 
-    def __init__(self, run: RunDir | str | Path, pivot: str = "en", config: Any = None, *, by: str = ""):
-        super().__init__(run, by=by)
+    def __init__(self, run: RunDir | str | Path, pivot: str = "en", config: Any = None, *, by: str = "",
+                 accept_edited: bool = False):
+        super().__init__(run, by=by, accept_edited=accept_edited)
         self.pivot, self.config = pivot, config
 
     def inputs(self) -> dict[str, Any]:
@@ -236,10 +239,14 @@ class AblationStage:
     name = "ablation"
 
     def __init__(self, run: RunDir | str | Path, config: AblationConfig, *, nmap: Any = None,
-                 eval_corpus: Mapping[str, Sequence[Example]] | None = None, by: str = "ablate"):
+                 eval_corpus: Mapping[str, Sequence[Example]] | None = None, by: str = "ablate",
+                 accept_edited: bool = False):
+        from .stage import verify_inputs
+
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.config = config.validate()
         self.by = by
+        verify_inputs(self.run, "identify", "split", accept_edited=accept_edited)
         from .neurons import NeuronMap
 
         self.nmap = nmap if nmap is not None else NeuronMap.load(self.run.neurons_path)

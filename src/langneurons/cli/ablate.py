@@ -48,6 +48,7 @@ def ablate(
     bootstrap: int = typer.Option(0, help="Resamples of documents for 95% intervals of each delta (0: none)."),
     progress: bool = typer.Option(True, help="Show a progress bar over the matrix."),
     force: bool = typer.Option(False, help="Recompute every row (and use a map made for another model)."),
+    accept_edited: bool = typer.Option(False, help="Use a neuron map that differs from what `identify` recorded."),
 ) -> None:
     """Deactivate each language's neurons and measure every language: writes ablation.parquet."""
     from ..config import AblationConfig, ModelConfig
@@ -62,7 +63,7 @@ def ablate(
         max_examples=max_examples, max_new_tokens=max_new_tokens, chat=chat, progress=progress, force=force,
         model=ModelConfig(model=model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           act_path=mlp_act_path)).validate()
-    df = AblationStage(run_dir, cfg, by="ablate").run_stage(echo=typer.echo)
+    df = AblationStage(run_dir, cfg, by="ablate", accept_edited=accept_edited).run_stage(echo=typer.echo)
     _print_matrices(df, list(cfg.sets))
     typer.echo(f"wrote {run_dir / 'ablation.parquet'} ({len(df)} rows); heatmaps in {run_dir / 'figures'}")
 

@@ -52,12 +52,14 @@ def format_anatomy(an) -> str:  # noqa: ANN001 - Anatomy, imported lazily
 
 @app.command()
 def anatomy(run_dir: Path = typer.Argument(..., help="Run directory with neurons.safetensors."),
-            pivot: str = typer.Option("en", help="Pivot language compared with the others.")) -> None:
+            pivot: str = typer.Option("en", help="Pivot language compared with the others."),
+            accept_edited: bool = typer.Option(False, help="Use a neuron map that differs from what `identify` "
+                                               "recorded (deliberately edited).")) -> None:
     """Per-layer neuron classes and the four phases; writes RUN_DIR/anatomy.json."""
     from ..stages import AnatomyStage
 
     _need_neurons(run_dir)
-    an = AnatomyStage(run_dir, pivot, by="anatomy").run_stage(force=True)
+    an = AnatomyStage(run_dir, pivot, by="anatomy", accept_edited=accept_edited).run_stage(force=True)
     typer.echo(format_anatomy(an))
     typer.echo(f"wrote {run_dir / 'anatomy.json'}")
 
@@ -65,10 +67,12 @@ def anatomy(run_dir: Path = typer.Argument(..., help="Run directory with neurons
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory with neurons.safetensors."),
            pivot: Optional[str] = typer.Option(None, help="Pivot language compared with the others "
-                                                          "(default: the one in anatomy.json, else en).")) -> None:
+                                                          "(default: the one in anatomy.json, else en)."),
+           accept_edited: bool = typer.Option(False, help="Render artifacts that differ from what their stage "
+                                              "recorded (deliberately edited).")) -> None:
     """Figures (PNG + SVG) and one self-contained RUN_DIR/report.html."""
     from ..report import build_report
 
     _need_neurons(run_dir)
-    path = build_report(run_dir, pivot=pivot)
+    path = build_report(run_dir, pivot=pivot, accept_edited=accept_edited)
     typer.echo(str(path))

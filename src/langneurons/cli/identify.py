@@ -106,5 +106,15 @@ def import_neurons(
         nmap = complete_general(nmap, ActivationStats.load(stats), bar)
     target = _neurons_file(out)
     nmap.save(target)
+    if (target.parent / "manifest.json").is_file() and target.name == "neurons.safetensors":
+        # written into a run: it is that run's identification now (and anatomy/report accept it)
+        from ..runs import RunDir
+        from ..stage import commit_stage
+
+        commit_stage(RunDir(target.parent), "identify", {"imported": str(mask), "languages": languages,
+                                                         "stats": None if stats is None else str(stats)},
+                     [target], {"method": nmap.meta.get("method"), "languages": languages,
+                                "general_available": nmap.meta.get("general_available"), "path": target.name},
+                     0.0, by="import-neurons")
     typer.echo(format_summary(nmap))
     typer.echo(f"wrote {target}")

@@ -50,7 +50,7 @@ class FigureResult:
         return self.skipped is None and self.png is not None
 
 
-def _new_figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> "Figure":
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -101,7 +101,7 @@ def _shade_phases(ax: Any, an: "Anatomy", label: bool) -> None:
 # -- the figures ---------------------------------------------------------------------------
 def plot_layer_classes(an: "Anatomy", model: str = "") -> "Figure":
     """Stacked per-layer counts (language neurons on top, general below) with the phases shaded."""
-    fig = _new_figure(8.0, 5.2)
+    fig = new_figure(8.0, 5.2)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     layers = np.arange(an.num_layers)
     spec = np.asarray(an.per_layer["specific"])
@@ -134,7 +134,7 @@ def plot_layer_classes(an: "Anatomy", model: str = "") -> "Figure":
 def plot_appear(an: "Anatomy", model: str = "") -> "Figure":
     """Selected neurons by the number of languages they are active in (0 = unassigned)."""
     k = len(an.languages)
-    fig = _new_figure(max(5.5, 0.5 * (k + 1) + 2.5), 3.6)
+    fig = new_figure(max(5.5, 0.5 * (k + 1) + 2.5), 3.6)
     ax = fig.subplots()
     _style(ax)
     xs = np.arange(k + 1)
@@ -155,7 +155,7 @@ def plot_language_heatmap(an: "Anatomy", model: str = "") -> "Figure":
     data = np.asarray(an.per_layer_language["specific"], dtype=float) + \
         np.asarray(an.per_layer_language["related"], dtype=float)
     k, n_layers = data.shape if data.size else (len(an.languages), an.num_layers)
-    fig = _new_figure(min(14.0, max(6.0, 0.28 * n_layers + 2.5)), max(2.6, 0.32 * k + 1.6))
+    fig = new_figure(min(14.0, max(6.0, 0.28 * n_layers + 2.5)), max(2.6, 0.32 * k + 1.6))
     ax = fig.subplots()
     im = ax.imshow(data.reshape(k, n_layers), aspect="auto", cmap=HEATMAP, interpolation="nearest")
     ax.set_yticks(np.arange(k), labels=an.languages)
@@ -181,7 +181,7 @@ def plot_overlap(an: "Anatomy", model: str = "") -> "Figure":
     m = np.asarray(an.overlap, dtype=float).reshape(len(an.languages), len(an.languages))
     k = m.shape[0]
     size = max(3.8, 0.5 * k + 2.2)
-    fig = _new_figure(size + 0.9, size)
+    fig = new_figure(size + 0.9, size)
     ax = fig.subplots()
     off = np.ma.masked_array(m, mask=np.eye(k, dtype=bool))
     cmap = _cmap_with_bad(HEATMAP, "#D9D9D9")
@@ -245,7 +245,7 @@ def plot_example_neuron(stats: "ActivationStats", nmap: "NeuronMap", layer: int,
     p = (stats.positive[:, layer, neuron].double() / stats.tokens.clamp(min=1).double()).numpy()
     tau = nmap.meta.get("tau")
     k = len(stats.languages)
-    fig = _new_figure(max(4.5, 0.45 * k + 2.5), 3.6)
+    fig = new_figure(max(4.5, 0.45 * k + 2.5), 3.6)
     ax = fig.subplots()
     _style(ax, integer_y=False)
     active = nmap.active[:, layer, neuron].numpy().astype(bool)
@@ -273,7 +273,7 @@ def plot_lambda_sweep(meta: dict[str, Any], K: int, model: str = "") -> "Figure"
     app = np.array([float(t["appear_K"]) for t in trace])
     ok = np.array([bool(t.get("passes", t["appear_K"] == 0)) for t in trace])
     order = np.argsort(lam, kind="stable")
-    fig = _new_figure(6.0, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.subplots()
     _style(ax)
     ax.plot(lam[order], app[order], color="#555555", lw=1, zorder=1)

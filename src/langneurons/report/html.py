@@ -236,6 +236,8 @@ def _section_interventions(run_dir: Path, ctx: ReportContext) -> str | None:
         except LangNeuronsError:  # a damaged artifact is the user's to fix, not a rendering failure
             raise
         except Exception as exc:  # a broken plug-in must not lose the rest of the report
+            if strict():
+                raise
             log.warning("report.ablation.render_section failed (%s); showing plain tables", exc)
             return note_html(f"The interventions view failed ({exc}); plain tables instead.", "warn") + \
                 _ablation_tables(path)
@@ -262,6 +264,8 @@ def discover_plugins() -> list[str]:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
             loaded.append(info.name)
         except Exception as exc:  # one broken plug-in must not break the report
+            if strict():
+                raise
             log.warning("report plug-in %s could not be imported: %s", info.name, exc)
     return loaded
 
@@ -287,18 +291,28 @@ details{margin:.8rem 0} summary{cursor:pointer;color:#0060a0}
 """
 
 
+def strict() -> bool:
+    """``LANGNEURONS_STRICT_REPORT=1`` (set by the test suite): a section or figure that fails to
+    render raises instead of showing an error note, so a crashing renderer fails the tests."""
+    import os
+
+    return os.environ.get("LANGNEURONS_STRICT_REPORT") == "1"
+
+
 def _render(section: Any, run_dir: Path, ctx: ReportContext) -> str | None:
     try:
         frag = section.render(run_dir, ctx) if section.takes_context else section.render(run_dir)
     except LangNeuronsError:  # damaged input (e.g. a truncated ablation.parquet): one error line, no report
         raise
     except Exception as exc:  # noqa: BLE001 - show, do not crash the whole report
+        if strict():
+            raise
         log.warning("report section %s failed: %s", section.name, exc)
         frag = note_html(f"This section could not be rendered: {type(exc).__name__}: {exc}", "error")
     return frag or None
 
 
-def build_report(run_dir: str | Path, pivot: str | None = None) -> Path:
+def build_report(run_dir: str | Path, pivot: str | None = None, *, accept_edited: bool = False) -> Path:
     """Write RUN_DIR/report.html (and the figures under RUN_DIR/figures/); returns its path.
 
     Computes (and saves) the anatomy when anatomy.json is missing or stale. ``pivot`` defaults to
@@ -310,7 +324,11 @@ def build_report(run_dir: str | Path, pivot: str | None = None) -> Path:
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise LangNeuronsError(f"{run.path} is not a directory; give a run directory written by langneurons")
+    from ..stage import verify_inputs
+
     manifest = run.read_manifest()
+    # Every number on the page comes from a stage's artifact: an edited or corrupted one is refused.
+    verify_inputs(run, *[n for n in (manifest.get("stages") or {}) if n != "report"], accept_edited=accept_edited)
     has_neurons = run.neurons_path.is_file()
     if not manifest and not has_neurons:
         raise LangNeuronsError(f"{run.path} holds neither manifest.json nor neurons.safetensors; "
@@ -320,7 +338,7 @@ def build_report(run_dir: str | Path, pivot: str | None = None) -> Path:
         ctx.nmap = NeuronMap.load(run.neurons_path)
         if not ctx.nmap.meta.get("model"):
             ctx.nmap.meta["model"] = ctx.model
-        ctx.anatomy = load_or_analyze(run.path, pivot)
+        ctx.anatomy = load_or_analyze(run.path, pivot, accept_edited=accept_edited)
         ctx.figures = {f.name: f for f in write_figures(run.path, ctx.anatomy, ctx.nmap)}
     discover_plugins()
     body, nav = [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lens import LENS_FILE, lens_summary
-from .figures import COLORS, _new_figure, save_figure
+from .figures import COLORS, new_figure, save_figure
 from .sections import esc, figure_html, note_html, register_section, table_html
 
 
@@ -30,7 +30,7 @@ def _phases(run_dir: Path) -> tuple[list[dict[str, Any]], bool | None]:
 
 def plot_lens(df: Any, lang: str, phases: list[dict[str, Any]], english: str = "en", title: str = "") -> Any:
     g = df[df["lang"] == lang].sort_values("layer")
-    fig = _new_figure(6.4, 3.2)
+    fig = new_figure(6.4, 3.2)
     ax = fig.add_subplot(1, 1, 1)
     x = g["layer"].tolist()
     ax.plot(x, g["p_correct"], color="black", lw=1.6, label="p(correct next token)")
@@ -103,6 +103,10 @@ def render_section(run_dir: str | Path) -> str | None:
     try:
         figs = write_lens_figures(run_dir)
     except Exception as exc:  # noqa: BLE001 - the table is still useful
+        from .html import strict
+
+        if strict():
+            raise
         parts.append(note_html(f"lens figures could not be drawn: {exc}", "warn"))
         figs = []
     for lang, png in figs:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from helpers import message_lines, run_cli
 import torch
 from safetensors.torch import save_file
 
@@ -210,8 +212,15 @@ def _corrupt_map(edit: Callable[[dict], None]) -> Callable[[Path, pytest.MonkeyP
     def setup(tmp: Path, mp) -> list[str]:
         run = identified_run(tmp / "run")
         corrupt_map(run, edit)
-        return ["anatomy", str(run)]
+        # --accept-edited: even a deliberately edited map must be a valid map (NeuronMap.load)
+        return ["anatomy", str(run), "--accept-edited"]
     return setup
+
+
+def _edited_map(tmp: Path, mp) -> list[str]:
+    run = identified_run(tmp / "run")
+    corrupt_map(run, _class_out_of_range)
+    return ["anatomy", str(run)]
 
 
 CASES = [
@@ -290,6 +299,7 @@ CASES = [
     Case("map-class-disagrees-with-selected", _corrupt_map(_flip_specific_to_unselected), 2, "error:",
          ("neurons.safetensors", "class")),
     Case("map-class-code-out-of-range", _corrupt_map(_class_out_of_range), 2, "error:", ("neurons.safetensors",)),
+    Case("map-edited-after-identify", _edited_map, 2, "error:", ("neurons.safetensors", "checksum", "--accept-edited")),
     Case("map-active-wrong-shape", _corrupt_map(_active_wrong_shape), 2, "error:", ("neurons.safetensors", "shape")),
     Case("map-scores-nan", _corrupt_map(_scores_nan), 2, "error:", ("neurons.safetensors", "scores")),
 ]
@@ -300,23 +310,6 @@ def no_model(monkeypatch):
     import langneurons.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a case reached load_model"))
-
-
-def message_lines(err: str) -> list[str]:
-    """stderr lines that are messages: warnings and progress bars are not."""
-    return [x for x in err.splitlines() if x.strip() and not x.startswith("warning:")
-            and not x.startswith("WARNING:") and not re.search(r"\d+%\|", x)]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from helpers import run_cli
 import torch
 
 from langneurons.cli import main
@@ -100,16 +102,6 @@ def make_run(root: Path, name: str, nmap: NeuronMap, *, scope="all", dtype="floa
                                                "result": {"scope": scope, "include_special": False}}},
                          **(extra or {})})
     return run.path
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- tables vs naive computations ------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import cli_error
 import torch
 
 from langneurons.arch import locate_activations
@@ -46,24 +47,6 @@ def write_corpus(root: Path, docs: dict[str, list[str]]) -> Path:
     for lang, texts in docs.items():
         (root / f"{lang}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     return root
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    """Run the CLI, expect exit code 2 and exactly one stderr line starting with 'error:'."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    # progress bars (transformers' "Loading weights", ours while counting) are not messages
-    lines = [x for x in err.splitlines()
-             if x.strip() and not x.startswith("warning:") and not re.search(r"\d+%\|", x)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-# -- SIGKILL mid-language ------------------------------------------------------------------------
 
 
 def test_sigkill_mid_language_resumes_to_identical_counts(model_dir, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 from langneurons.cli import main
 from langneurons.neurons import NeuronMap
 from langneurons.stats import ActivationStats
-from tiny import SAMPLE_TEXTS, save_tiny
+from helpers import write_sample_corpus
+from tiny import save_tiny
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_run.json").read_text(encoding="utf-8"))
 KEY = ["metric", "neuron_set", "deactivated_lang", "eval_lang", "seed"]
@@ -24,10 +25,7 @@ KEY = ["metric", "neuron_set", "deactivated_lang", "eval_lang", "seed"]
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("golden")
     model = save_tiny(tmp / "model", "llama")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for lang, texts in SAMPLE_TEXTS.items():
-        (corpus / f"{lang}.txt").write_text("\n".join(texts * 3) + "\n", encoding="utf-8")
+    corpus = write_sample_corpus(tmp / "corpus")
     out = tmp / "run"
     main(["run", "--model", str(model), "--corpus", str(corpus), "--out", str(out), "--control", "layer",
           "--control-seeds", "0,1", "--bootstrap", "20", "--top-rate", "0.1"])

@@ -10,6 +10,8 @@ import struct
 import warnings
 
 import pytest
+
+from helpers import run_cli
 import torch
 
 from langneurons.errors import LangNeuronsError, StatsError
@@ -693,18 +695,6 @@ def test_neuron_map_meta_contract():
 # ======================================================================================
 # (6) CLI
 # ======================================================================================
-def _run_cli(args, capsys):
-    from langneurons.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture()
 def run_dir(tmp_path):
     positive, tokens, truth = planted(4)
@@ -716,7 +706,7 @@ def run_dir(tmp_path):
 
 def test_cli_identify_export_import(run_dir, capsys, tmp_path):
     run, stats, truth = run_dir
-    code, out, err = _run_cli(["identify", str(run), "--top-rate", "0.035", "--lambda-range", "0,4"], capsys)
+    code, out, err = run_cli(["identify", str(run), "--top-rate", "0.035", "--lambda-range", "0,4"], capsys)
     assert code == 0, err
     expected = EntropyLambda(top_rate=0.035, lam_range=(0.0, 4.0)).fit(ActivationStats.load(run)).neuron_map_
     nmap = NeuronMap.load(run)
@@ -734,7 +724,7 @@ def test_cli_identify_export_import(run_dir, capsys, tmp_path):
 
     # LAPE on a language subset, to another file
     other = tmp_path / "lape.safetensors"
-    code, out, err = _run_cli(["identify", str(run / "stats"), "--method", "lape", "--top-rate", "0.05",
+    code, out, err = run_cli(["identify", str(run / "stats"), "--method", "lape", "--top-rate", "0.05",
                                "--langs", "en,zh,ru", "--out", str(other)], capsys)
     assert code == 0, err
     lape = NeuronMap.load(other)
@@ -744,7 +734,7 @@ def test_cli_identify_export_import(run_dir, capsys, tmp_path):
 
     # export -> published list format
     mask = tmp_path / "mask.pt"
-    code, out, err = _run_cli(["export", str(run), "--format", "lape", "--classes", "specific,related",
+    code, out, err = run_cli(["export", str(run), "--format", "lape", "--classes", "specific,related",
                                "--out", str(mask)], capsys)
     assert code == 0, err
     obj = torch.load(mask, weights_only=True)
@@ -755,7 +745,7 @@ def test_cli_identify_export_import(run_dir, capsys, tmp_path):
     # import-neurons -> same specific/related neurons
     back = tmp_path / "imported"
     back.mkdir()
-    code, out, err = _run_cli(["import-neurons", str(mask), "--langs", "en,de,zh,ru", "--num-neurons", "200",
+    code, out, err = run_cli(["import-neurons", str(mask), "--langs", "en,de,zh,ru", "--num-neurons", "200",
                                "--out", str(back)], capsys)
     assert code == 0, err
     imported = NeuronMap.load(back)
@@ -780,11 +770,11 @@ def test_cli_identify_export_import(run_dir, capsys, tmp_path):
 def test_cli_bad_input_exit_2(run_dir, capsys, tmp_path, args, match):
     run, _, _ = run_dir
     if "export" in args and "{run}" in args:
-        assert _run_cli(["identify", str(run), "--top-rate", "0.035", "--lambda-range", "0,4"], capsys)[0] == 0
+        assert run_cli(["identify", str(run), "--top-rate", "0.035", "--lambda-range", "0,4"], capsys)[0] == 0
     args = [a.format(run=run, missing=tmp_path / "missing", tmp=tmp_path) for a in args]
     if args[0] == "identify" and "--top-rate" not in args:
         args += ["--top-rate", "0.02"]
-    code, out, err = _run_cli(args, capsys)
+    code, out, err = run_cli(args, capsys)
     lines = [x for x in err.splitlines() if not x.startswith("warning:")]
     assert code == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err

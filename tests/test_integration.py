@@ -28,7 +28,7 @@ def test_record_identify_ablate_on_gemma(gemma, tmp_path):
     from langneurons.corpus import load_corpus
     from langneurons.evaluate import perplexity
     from langneurons.identify import EntropyLambda
-    from langneurons.intervene import deactivate, random_control
+    from langneurons.intervene import deactivate
     from langneurons.record import RecordConfig, record
 
     assert gemma.model.config.model_type == "gemma3_text"

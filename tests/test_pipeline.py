@@ -6,17 +6,13 @@ import pytest
 
 from langneurons.cli import main
 from langneurons.neurons import NeuronMap
-from tiny import SAMPLE_TEXTS, save_tiny
+from helpers import write_sample_corpus
+from tiny import save_tiny
 
 
 @pytest.fixture()
 def setup(tmp_path):
-    model = save_tiny(tmp_path / "model", "llama")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for lang, texts in SAMPLE_TEXTS.items():
-        (corpus / f"{lang}.txt").write_text("\n".join(texts * 3) + "\n", encoding="utf-8")
-    return model, corpus, tmp_path / "run"
+    return save_tiny(tmp_path / "model", "llama"), write_sample_corpus(tmp_path / "corpus"), tmp_path / "run"
 
 
 def run(model, corpus, out, *extra):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from pathlib import Path
+
 
 import pandas as pd
 import pytest
@@ -17,6 +17,7 @@ from langneurons.pipeline import RunConfig
 from langneurons.record import RecordConfig
 from langneurons.runs import RunDir
 from langneurons.stage import ChecksumError, StageRecord, commit_stage, input_key, is_fresh, verify_inputs
+from helpers import write_sample_corpus
 from tiny import SAMPLE_TEXTS, save_tiny
 
 
@@ -116,10 +117,7 @@ def test_stage_configs_validate():
 @pytest.fixture()
 def setup(tmp_path):
     model = save_tiny(tmp_path / "model", "llama")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for lang, texts in SAMPLE_TEXTS.items():
-        (corpus / f"{lang}.txt").write_text("\n".join(texts * 3) + "\n", encoding="utf-8")
+    corpus = write_sample_corpus(tmp_path / "corpus")
     mgsm = tmp_path / "mgsm"
     mgsm.mkdir()
     (mgsm / "mgsm_en.tsv").write_text("Tom has 2 apples and gets 3 more. How many?\t5\n", encoding="utf-8")
@@ -143,9 +141,14 @@ def test_ablate_accuracy_then_run_keeps_the_accuracy_rows(setup, capsys):
     _ablate_accuracy(out, mgsm)
     acc = pd.read_parquet(out / "ablation.parquet")
     assert set(acc.metric) == {"accuracy", "number_accuracy", "language_accuracy"}
+    # a perplexity set that `run` does not plan (issue 19, item 2: 90 -> 54 rows in the probe)
+    main(["ablate", str(out), "--classes", "related", "--control", "none", "--no-progress", "--device", "cpu"])
+    related = pd.read_parquet(out / "ablation.parquet").query("neuron_set == 'related'")
+    assert len(related)
     _run(model, corpus, out)
     df = pd.read_parquet(out / "ablation.parquet")
     assert {"nll", "accuracy", "number_accuracy", "language_accuracy"} <= set(df.metric)
+    assert len(df.query("neuron_set == 'related'")) == len(related)
     kept = df[df.metric.isin(acc.metric.unique())].sort_values(["metric", "deactivated_lang", "eval_lang"])
     assert kept[["metric", "deactivated_lang", "eval_lang", "base", "ablated"]].reset_index(drop=True).equals(
         acc.sort_values(["metric", "deactivated_lang", "eval_lang"])[

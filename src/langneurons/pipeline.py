@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .config import DEFAULT_SETS, AblationConfig, IdentifyConfig, ModelConfig, require
 from .corpus import load_corpus

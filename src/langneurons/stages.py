@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import AblationConfig, IdentifyConfig, PPL_METRICS
+from .config import AblationConfig, IdentifyConfig
 from .corpus import Corpus, Example
 from .errors import LangNeuronsError, NeuronMapError
 from .io import atomic_write, atomic_write_text

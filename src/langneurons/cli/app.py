@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import LangNeuronsError
 
 app = typer.Typer(
     name="langneurons",

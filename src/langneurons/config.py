@@ -138,6 +138,9 @@ class ModelConfig:
     device_map: str | None = None
     max_memory: str | dict | None = None
     act_path: str | None = None  # override of the activation module path, with {i}
+    revision: str | None = None  # hub branch/tag/commit (None: the run's recorded commit, else the default)
+    trust_remote_code: bool = False  # run modelling code shipped with a hub model
+    offline: bool | None = None  # never contact the hub (None: HF_HUB_OFFLINE decides)
 
     def validate(self) -> "ModelConfig":
         require(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -145,6 +148,8 @@ class ModelConfig:
         self.max_memory = parse_max_memory(self.max_memory)
         require(self.act_path is None or "{i}" in self.act_path,
                 f"--mlp-act-path must contain {{i}} (the layer index), got {self.act_path!r}")
+        require(self.revision is None or (bool(self.revision.strip()) and " " not in self.revision),
+                f"--revision must be a branch, tag or commit of the hub repo, got {self.revision!r}")
         return self
 
     def load(self, run_manifest: dict[str, Any] | None = None) -> Any:
@@ -154,8 +159,17 @@ class ModelConfig:
         info = (run_manifest or {}).get("model") if isinstance((run_manifest or {}).get("model"), dict) else {}
         name = self.model or info.get("model")
         require(bool(name), "the run's manifest names no model; pass --model")
+        # The run's own model at the commit it was recorded with, unless another one is asked for.
+        revision = self.revision or (info.get("revision") if not self.model or self.model == info.get("model") else None)
+        kwargs: dict[str, Any] = {}
+        if revision and "/" in str(name) and not Path(str(name)).expanduser().exists():
+            kwargs["revision"] = revision
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.offline is not None:
+            kwargs["offline"] = self.offline
         return load_model(name, dtype=self.dtype or info.get("dtype") or "float32", device=self.device,
-                          device_map=self.device_map, max_memory=parse_max_memory(self.max_memory))
+                          device_map=self.device_map, max_memory=parse_max_memory(self.max_memory), **kwargs)
 
 
 @dataclass

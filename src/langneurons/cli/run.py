@@ -41,6 +41,9 @@ def run(
     device_map: Optional[str] = typer.Option(None, help="e.g. auto, to spread a large model over GPUs."),
     max_memory: Optional[str] = typer.Option(None, help="Per-device memory caps, e.g. 0=20GiB,cpu=64GiB."),
     mlp_act_path: Optional[str] = typer.Option(None, help="Override: path of the activation module, with {i}."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit of --model (the commit is recorded)."),
+    trust_remote_code: bool = typer.Option(False, help="Run modelling code shipped with a hub model."),
+    offline: bool = typer.Option(False, help="Never contact the hub: use the local cache (also: HF_HUB_OFFLINE=1)."),
     pivot: str = typer.Option("en"),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of evaluation documents for ΔNLL intervals (0: none)."),
     stability: int = typer.Option(0, help="Bootstrap resamples of the identification (0: skip)."),
@@ -61,7 +64,8 @@ def run(
                     eval_tokens_per_lang=eval_tokens_per_lang,
                     batch_size=batch_size, max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs,
                     dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                    mlp_act_path=mlp_act_path, pivot=pivot, bootstrap=bootstrap, stability=stability,
+                    mlp_act_path=mlp_act_path, revision=revision, trust_remote_code=trust_remote_code,
+                    offline=offline or None, pivot=pivot, bootstrap=bootstrap, stability=stability,
                     lens_docs=lens_docs, lens_max_length=lens_max_length,
                     skip_ablation=skip_ablation, force=force, progress=progress).validate()
     report = run_pipeline(cfg, echo=typer.echo)

@@ -216,3 +216,131 @@ def test_gguf_with_another_hash_is_refused_before_conversion(tmp_path, monkeypat
         lm_models._ensure_converted(source, tmp_path / "cache" / "m")
     assert called == [] and not (tmp_path / "cache" / "m").exists()
     lm_models.verify_sha256(gguf, hashlib.sha256(gguf.read_bytes()).hexdigest(), "test")  # the right hash passes
+
+
+# -- language codes ---------------------------------------------------------------------------------
+
+
+def test_language_codes_in_every_form() -> None:
+    from langneurons.langcodes import format_language, parse_language, same_language, to_flores, to_iso639_1
+
+    assert to_flores("de") == to_flores("deu") == to_flores("ger") == to_flores("de-AT") == "deu_Latn"
+    assert to_flores("sw") == to_flores("swa") == "swh_Latn"  # FLORES' individual code, not the macrolanguage
+    assert to_flores("zh") == "zho_Hans" and to_flores("zh-Hant") == to_flores("zh_TW") == "zho_Hant"
+    assert to_iso639_1("deu_Latn") == "de" and to_iso639_1("arb_Arab") == "ar" and to_iso639_1("klingon") is None
+    assert format_language("{iso_639_3}_{iso_15924}", "ja") == "jpn_Jpan" == format_language("{flores}", "jpn")
+    assert format_language("{iso_639_1}", "rus_Cyrl") == "ru"
+    assert same_language("de", "deu_Latn") and not same_language("de", "nl")
+    with pytest.raises(LangNeuronsError, match="unknown language code"):
+        parse_language("xx_Latn")
+    with pytest.raises(LangNeuronsError, match="unknown field"):
+        format_language("{iso}", "de")
+    # every ISO 639-1 code lingua knows is in the table (language ID must accept all of them)
+    from lingua import Language
+
+    missing = [x.iso_code_639_1.name.lower() for x in Language.all() if to_flores(x.iso_code_639_1.name.lower()) is None]
+    assert missing == []
+
+
+def test_language_id_accepts_flores_and_iso639_3_codes() -> None:
+    from langneurons.evaluate import detect_language, score_math
+
+    text = "Die Katze sitzt auf der warmen Matte und schläft den ganzen Tag."
+    assert detect_language(text, ["eng_Latn", "deu_Latn", "fra"]) == "de"
+    assert score_math("Die Antwort ist 42. Die Katze schläft.", "42", "deu_Latn",
+                      languages=["eng_Latn", "deu_Latn"])["lang_ok"]
+
+
+# -- corpora from HF datasets -------------------------------------------------------------------------
+
+
+def _flores_like_repo(root: Path, langs: dict[str, list[str]], split: str = "dev") -> Path:
+    """A dataset repository laid out as on the hub (one config per FLORES code, a README with the
+    config table): datasets.load_dataset reads it offline like a hub repo."""
+    import datasets
+
+    root.mkdir(parents=True)
+    lines = ["---", "configs:"]
+    for code, texts in langs.items():
+        (root / code).mkdir()
+        datasets.Dataset.from_dict({"id": list(range(len(texts))), "text": texts}).to_parquet(
+            str(root / code / f"{split}.parquet"))
+        lines += [f"- config_name: {code}", "  data_files:", f"  - split: {split}", f"    path: {code}/{split}.parquet"]
+    (root / "README.md").write_text("\n".join(lines + ["---", ""]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture()
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    datasets = pytest.importorskip("datasets")
+    cache = tmp_path / "ds-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_hf_corpus_with_a_language_template(tmp_path, datasets_cache) -> None:
+    from langneurons.corpus import load_corpus
+    from tiny import SAMPLE_TEXTS
+
+    repo = _flores_like_repo(tmp_path / "flores-like", {"eng_Latn": SAMPLE_TEXTS["en"], "deu_Latn": SAMPLE_TEXTS["de"],
+                                                         "zho_Hans": SAMPLE_TEXTS["zh"]})
+    corpus = load_corpus(f"hf:{repo}:{{iso_639_3}}_{{iso_15924}}@dev", ["en", "de", "zh"], kind="text")
+    assert corpus.languages == ["en", "de", "zh"]
+    for lang in ("en", "de", "zh"):
+        assert [e.text for e in corpus.by_lang[lang]] == SAMPLE_TEXTS[lang]
+    # the FLORES labels themselves work too, and a Path-typed option (typer) gives the same
+    same = load_corpus(Path(f"hf:{repo}:{{flores}}@dev"), ["eng_Latn", "deu_Latn"], kind="text")
+    assert [e.text for e in same.by_lang["deu_Latn"]] == SAMPLE_TEXTS["de"]
+    with pytest.raises(LangNeuronsError, match="give --langs"):
+        load_corpus(f"hf:{repo}:{{flores}}@dev", None, kind="text")
+    with pytest.raises(LangNeuronsError, match="cannot load the dataset"):
+        load_corpus(f"hf:{repo}:{{flores}}@dev", ["en", "ru"], kind="text")  # no rus_Cyrl config
+
+
+def test_hf_corpus_with_a_language_column_and_load_from_disk(tmp_path, datasets_cache) -> None:
+    import datasets
+
+    from langneurons.corpus import load_corpus
+
+    rows = {"language": ["deu_Latn", "eng_Latn", "deu_Latn"], "sentence": ["Hallo Welt.", "Hello world.", "Guten Tag."]}
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
+    from langneurons.corpus import ColumnMap
+
+    cols = ColumnMap(lang="language", text="sentence")
+    corpus = load_corpus(f"hf:{saved}", ["de", "en"], kind="text", columns=cols)  # matched across code forms
+    assert [e.text for e in corpus.by_lang["de"]] == ["Hallo Welt.", "Guten Tag."]
+    assert [e.text for e in corpus.by_lang["en"]] == ["Hello world."]
+    with pytest.raises(LangNeuronsError, match="language template"):
+        load_corpus(f"hf:{saved}", ["de", "en"], kind="text", columns=ColumnMap(text="sentence"))
+
+
+def test_hf_presets() -> None:
+    from langneurons.corpus import parse_hf_spec
+
+    flores = parse_hf_spec("hf:flores@devtest")
+    assert (flores.repo, flores.config, flores.split, flores.text) == (
+        "openlanguagedata/flores_plus", "{iso_639_3}_{iso_15924}", "devtest", "text")
+    bele = parse_hf_spec("hf:belebele")
+    assert (bele.repo, bele.split, bele.text, bele.dedupe) == ("facebook/belebele", "test", "flores_passage", True)
+    assert parse_hf_spec("hf:org/x:cfg@validation") == parse_hf_spec("hf:org/x:cfg@validation")
+    plain = parse_hf_spec("hf:org/x")
+    assert (plain.repo, plain.config, plain.split) == ("org/x", None, None)
+
+
+def test_belebele_preset_deduplicates_passages(tmp_path, datasets_cache, monkeypatch) -> None:
+    import datasets
+
+    from langneurons import corpus as corpus_mod
+
+    root = tmp_path / "bele"
+    root.mkdir()
+    (root / "deu_Latn").mkdir()
+    datasets.Dataset.from_dict({"flores_passage": ["P1.", "P1.", "P2."], "question": ["a", "b", "c"]}).to_parquet(
+        str(root / "deu_Latn" / "test.parquet"))
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: deu_Latn\n  data_files:\n  - split: test\n"
+                                    "    path: deu_Latn/test.parquet\n---\n")
+    monkeypatch.setitem(corpus_mod.HF_PRESETS, "belebele",
+                        corpus_mod.HfSpec(str(root), "{flores}", "test", "flores_passage", dedupe=True))
+    corpus = corpus_mod.load_corpus("hf:belebele", ["de"], kind="text")
+    assert [e.text for e in corpus.by_lang["de"]] == ["P1.", "P2."]

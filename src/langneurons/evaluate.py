@@ -706,7 +706,10 @@ _DETECTORS: dict[tuple[str, ...], Any] = {}
 
 
 def _primary(code: str) -> str:
-    return re.split(r"[-_]", code.strip())[0].lower()
+    """The ISO 639-1 code lingua speaks, from any form (``de``, ``deu``, ``deu_Latn``, ``de-AT``)."""
+    from .langcodes import to_iso639_1
+
+    return to_iso639_1(code) or re.split(r"[-_]", code.strip())[0].lower()
 
 
 def language_detector(languages: Sequence[str] | None = None) -> Any:

@@ -107,6 +107,7 @@ def test_bad_model_args_are_one_line(setup) -> None:
     assert build_intervention(setup["run"], None).empty
 
 
+@pytest.mark.slow  # lm-eval's command line indexes all its built-in tasks (~25 s on 2 cores)
 def test_lm_eval_command_line_knows_the_model_type(setup, capsys) -> None:
     from langneurons.lm_eval_model import main
 
@@ -123,12 +124,11 @@ def test_eval_stage_writes_results_and_samples(setup, capsys) -> None:
 
     run = setup["run"]
     argv = ["eval", str(run), "--tasks", "ln_tiny_mc", "--include-path", str(setup["tasks"]), "--deactivate",
-            "de,zh", "--classes", "specific;specific,related", "--batch-size", "2", "--device", "cpu"]
+            "de", "--classes", "specific;specific,related", "--batch-size", "2", "--device", "cpu"]
     main(argv)
     result = json.loads((run / "eval" / "results.json").read_text())
     labels = [c["label"] for c in result["cells"]]
-    assert labels == ["none", "zero:de:specific", "zero:de:specific+related", "zero:zh:specific",
-                      "zero:zh:specific+related"]
+    assert labels == ["none", "zero:de:specific", "zero:de:specific+related"]
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={setup['model']},device=cpu",
                                  tasks=["ln_tiny_mc"], task_manager=setup["tm"], batch_size=2, bootstrap_iters=1000)
     assert result["results"]["none"]["ln_tiny_mc"]["acc,none"] == hf["results"]["ln_tiny_mc"]["acc,none"]

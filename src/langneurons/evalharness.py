@@ -114,7 +114,6 @@ class EvalStage(Stage[dict]):
 
     def compute(self) -> dict:
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         from .lm_eval_model import Intervention, LangNeuronsLM, build_intervention
 
@@ -122,7 +121,7 @@ class EvalStage(Stage[dict]):
         loaded = cfg.model.load(self.run.read_manifest())
         lm = LangNeuronsLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=cfg.batch_size,
                            mlp_act_path=cfg.model.act_path)
-        tm = TaskManager(include_path=str(cfg.include_path) if cfg.include_path else None)
+        tm = _task_manager(cfg)
         results: dict[str, Any] = {}
         samples: dict[str, dict[str, list]] = {}
         cells = []
@@ -155,6 +154,18 @@ class EvalStage(Stage[dict]):
         atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
         section = {"path": RESULTS, "tasks": result["tasks"], "cells": [c["label"] for c in result["cells"]]}
         return [path] + outputs, section
+
+
+def _task_manager(cfg: EvalConfig) -> Any:
+    """lm-eval's task index; only the local folder when it holds every task (indexing lm-eval's
+    thousands of built-in task files takes ~10-30 s)."""
+    from lm_eval.tasks import TaskManager
+
+    if cfg.include_path:
+        local = TaskManager(include_path=str(cfg.include_path), include_defaults=False)
+        if all(task in local.all_tasks for task in cfg.tasks):
+            return local
+    return TaskManager(include_path=str(cfg.include_path) if cfg.include_path else None)
 
 
 def results_table(result: dict) -> tuple[list[str], list[list[Any]]]:

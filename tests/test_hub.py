@@ -344,3 +344,74 @@ def test_belebele_preset_deduplicates_passages(tmp_path, datasets_cache, monkeyp
                         corpus_mod.HfSpec(str(root), "{flores}", "test", "flores_passage", dedupe=True))
     corpus = corpus_mod.load_corpus("hf:belebele", ["de"], kind="text")
     assert [e.text for e in corpus.by_lang["de"]] == ["P1.", "P2."]
+
+
+# -- reproducible runs, --version, -v/-q --------------------------------------------------------------
+
+
+def _corpus(tmp_path: Path) -> Path:
+    from tiny import SAMPLE_TEXTS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for lang, texts in SAMPLE_TEXTS.items():
+        (corpus / f"{lang}.txt").write_text("\n".join(texts * 3) + "\n", encoding="utf-8")
+    return corpus
+
+
+def test_dump_config_and_replay_give_identical_artifacts(tmp_path, capsys) -> None:
+    from langneurons.cli import main
+    from langneurons.io import sha256_file
+
+    model = save_tiny(tmp_path / "model")
+    corpus = _corpus(tmp_path)
+    args = ["run", "--model", str(model), "--corpus", str(corpus), "--control", "none", "--bootstrap", "0",
+            "--top-rate", "0.1", "--skip-ablation", "--lens-docs", "0", "--device", "cpu", "--no-progress"]
+    main(args + ["--out", str(tmp_path / "a"), "--dump-config"])
+    text = capsys.readouterr().out
+    assert "top_rate: 0.1" in text and not (tmp_path / "a").exists()  # dumping runs nothing
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(text)
+    main(args + ["--out", str(tmp_path / "a")])
+    main(["run", "--config", str(cfg_file), "--out", str(tmp_path / "b")])  # --out overrides the file
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / x / "manifest.json").read_text()) for x in ("a", "b"))
+    for stage in ("split", "record", "identify", "anatomy"):
+        assert a["stages"][stage]["outputs"] == b["stages"][stage]["outputs"], stage  # identical bytes
+        assert a["stages"][stage]["key"] == b["stages"][stage]["key"], stage
+    assert sha256_file(tmp_path / "a" / "neurons.safetensors") == sha256_file(tmp_path / "b" / "neurons.safetensors")
+    # the replayed run's own dump is the same config (but for --out)
+    main(["run", "--config", str(cfg_file), "--out", str(tmp_path / "a"), "--dump-config"])
+    assert capsys.readouterr().out == text
+
+
+def test_bad_config_file_is_one_line(tmp_path, capsys) -> None:
+    from langneurons.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("top_rate: 0.1\nno_such_option: 3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--config", str(bad), "--dump-config"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "no_such_option" in err
+
+
+def test_version_and_verbosity(capsys) -> None:
+    import logging
+
+    from langneurons import __version__
+    from langneurons.cli import main
+
+    main(["--version"])  # exit code 0: main returns
+    assert capsys.readouterr().out.strip() == f"langneurons {__version__}"
+    logger = logging.getLogger("langneurons")
+    before = logger.level
+    try:
+        with pytest.raises(SystemExit):
+            main(["-v", "identify", "/nonexistent-run"])
+        assert logger.level == logging.INFO
+        with pytest.raises(SystemExit):
+            main(["-q", "identify", "/nonexistent-run"])
+        assert logger.level == logging.ERROR
+    finally:
+        logger.setLevel(before)

@@ -266,3 +266,66 @@ class AblationConfig:
     @property
     def control_or_none(self) -> str | None:
         return None if self.control == "none" else self.control
+
+
+# -- reproducible runs: RunConfig <-> YAML ---------------------------------------------------------
+#: RunConfig fields a config file leaves out: how a run is shown, not what it computes
+_NOT_IN_FILE = ("progress", "force")
+
+
+def run_config_to_yaml(cfg: Any) -> str:
+    """The YAML text of a `pipeline.RunConfig` (every field that decides the results)."""
+    import dataclasses
+
+    import yaml
+
+    from . import __version__
+
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in _NOT_IN_FILE:
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[f.name] = value
+    head = f"# langneurons {__version__} run config: replay with `langneurons run --config FILE [--out DIR]`\n"
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def run_config_from_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """A validated `pipeline.RunConfig` from a YAML file (as `run_config_to_yaml` writes it),
+    with ``overrides`` (e.g. the options given on the command line) taking precedence."""
+    import dataclasses
+
+    import yaml
+
+    from .pipeline import RunConfig
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise LangNeuronsError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise LangNeuronsError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    require(isinstance(data, dict), f"--config {path}: expected a mapping of run options, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - names)
+    require(not unknown, f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    data.update(overrides or {})
+    for key in ("out", "corpus"):
+        if data.get(key) is not None and not str(data[key]).startswith("hf:"):
+            data[key] = Path(data[key])
+    for key in ("neuron_sets", "control_seeds", "metrics"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    if isinstance(data.get("lam"), list):
+        data["lam"] = tuple(data["lam"])
+    data.setdefault("out", Path("runs/demo"))
+    try:
+        cfg = RunConfig(**data)
+    except TypeError as exc:
+        raise LangNeuronsError(f"--config {path}: {exc}") from None
+    return cfg.validate()

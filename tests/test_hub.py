@@ -415,3 +415,60 @@ def test_version_and_verbosity(capsys) -> None:
         assert logger.level == logging.ERROR
     finally:
         logger.setLevel(before)
+
+
+# -- shareable neuron sets --------------------------------------------------------------------------------
+
+
+def test_package_has_provenance_and_a_model_card(tmp_path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    from langneurons.cli import main
+    from langneurons.errors import NeuronMapError
+    from langneurons.neurons import NeuronMap
+    from langneurons.package import model_card
+    from langneurons.stats import ActivationStats
+
+    model = save_tiny(tmp_path / "model")
+    run = tmp_path / "run"
+    main(["run", "--model", str(model), "--corpus", str(_corpus(tmp_path)), "--control", "none", "--bootstrap", "0",
+          "--top-rate", "0.1", "--skip-ablation", "--lens-docs", "0", "--device", "cpu", "--no-progress",
+          "--out", str(run)])
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "pkg"
+    main(["package", str(run), str(out), "--push-to-hub", "me/tiny-neurons"])
+    assert {p.name for p in out.iterdir()} >= {"neurons.safetensors", "neurons.parquet", "provenance.json", "README.md"}
+    prov = json.loads((out / "provenance.json").read_text())
+    stats = ActivationStats.load(run)
+    assert prov["tokens_per_language"] == dict(zip(stats.languages, stats.tokens.tolist()))
+    assert prov["model"]["hook_point"] == "model.layers.{i}.mlp.act_fn" and prov["shape"] == [2, 48]
+    assert prov["model"]["model"] == str(model) and prov["method"] == "entropy-lambda"
+    assert set(prov["corpus"]["identification_checksums"]) == set(stats.languages)
+    assert prov["versions"]["packaged_with"]["langneurons"]
+    assert calls[0][:2] == ("create", "me/tiny-neurons") and calls[0][2]["private"] is True
+    assert calls[1][2]["folder_path"] == str(out)
+    packaged = NeuronMap.load(out)
+    assert packaged.fingerprint() == NeuronMap.load(run).fingerprint()
+    assert packaged.meta["provenance"]["neuron_map_fingerprint"] == packaged.fingerprint()
+    # the card of a hub model names it as base_model
+    card = model_card(dict(prov, model=dict(prov["model"], model="org/base-model", revision=COMMIT)))
+    assert card.startswith("---\n") and "\nbase_model: org/base-model\n" in card and "- de" in card
+    assert "base_model" not in (out / "README.md").read_text()  # a local directory is no hub model
+    # a map for another model shape is refused with one line
+    NeuronMap.load(out, model=transformers.AutoModelForCausalLM.from_pretrained(model))
+    other = make_model("llama", vocab_size=400, layers=3)
+    with pytest.raises(NeuronMapError) as info:
+        NeuronMap.load(out, model=other)
+    assert "\n" not in str(info.value) and "2 layers x 48" in str(info.value) and "3 x 48" in str(info.value)
+    with pytest.raises(SystemExit):
+        main(["package", str(run), str(tmp_path / "p2"), "--push-to-hub", "not a repo"])
+    assert "not a hub repo id" in capsys.readouterr().err

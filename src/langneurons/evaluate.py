@@ -719,7 +719,11 @@ def language_detector(languages: Sequence[str] | None = None) -> Any:
     det = _DETECTORS.get(codes)
     if det is not None:
         return det
-    from lingua import IsoCode639_1, LanguageDetectorBuilder
+    try:
+        from lingua import IsoCode639_1, LanguageDetectorBuilder
+    except ImportError:
+        raise LangNeuronsError("language identification (the accuracy metric's language check) needs lingua: "
+                               "pip install 'langneurons[eval]'") from None
 
     isos, unknown = [], []
     for c in codes:

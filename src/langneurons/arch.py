@@ -147,6 +147,9 @@ def locate_activations(model: nn.Module, act_path: str | None = None) -> Activat
     mt = _model_type(model)
     arch = _REGISTRY.get(mt)
     if arch is None:
+        sites = _locate_unregistered(model, mt)
+        if sites is not None:
+            return sites
         raise ArchitectureError(
             f"unsupported architecture {mt!r}: supported families are {', '.join(supported_families())}; "
             "pass --mlp-act-path 'model.layers.{i}.mlp.act_fn' (path of the per-layer activation module) "
@@ -170,6 +173,45 @@ def locate_activations(model: nn.Module, act_path: str | None = None) -> Activat
         raise ArchitectureError(f"{mt}: layers have different MLP sizes {sorted(sizes)}; not supported")
     _check_distinct(modules, mt)
     return ActivationSites(modules, sizes.pop(), f"{lp}.{{i}}.{arch.act_path}", arch.family)
+
+
+#: the Llama-style layout most new families keep (OLMo-2, Granite, ...): tried for a model_type
+#: that is not in the table, with a warning, instead of refusing it
+FALLBACK_ACT_PATH = "model.layers.{i}.mlp.act_fn"
+#: activations that are > 0 exactly where their input is (what counting p > 0 relies on)
+_SIGN_PRESERVING = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python", "relu",
+                    "quick_gelu", "gelu_accurate")
+
+
+_WARNED: set[str] = set()
+
+
+def _locate_unregistered_quiet(model: nn.Module) -> bool:
+    layers = _try_get(model, "model.layers")
+    return (isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0
+            and all(isinstance(_try_get(layer, "mlp.act_fn"), nn.Module) for layer in layers))
+
+
+def _locate_unregistered(model: nn.Module, model_type: str) -> ActivationSites | None:
+    """An unknown family with a gated Llama-style MLP at ``model.layers.{i}.mlp.act_fn``: used,
+    with a warning naming what was assumed (None when the layout is not there)."""
+    import warnings
+
+    if not _locate_unregistered_quiet(model):
+        return None
+    cfg = getattr(model, "config", None)
+    act = str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "unknown")
+    sign_note = "" if act in _SIGN_PRESERVING else (
+        f"; its activation {act!r} is not known to be > 0 exactly where its input is, so 'active' may not mean "
+        "what it means for the supported families")
+    if model_type not in _WARNED:  # once per family and process, not once per hooked forward pass
+        _WARNED.add(model_type)
+        warnings.warn(f"architecture {model_type!r} is not in langneurons' table; using {FALLBACK_ACT_PATH} "
+                      f"(hidden_act {act}){sign_note}; register it with langneurons.arch.register_architecture to "
+                      "silence this", stacklevel=3)
+    sites = _locate_from_template(model, FALLBACK_ACT_PATH)
+    sites.family = f"{model_type} (unregistered)"
+    return sites
 
 
 def _check_distinct(modules: Sequence[nn.Module], what: str) -> None:
@@ -244,6 +286,8 @@ def locate_unembedding(model: nn.Module) -> Unembedding:
     """The blocks, final norm, unembedding and logit soft-cap of a supported family."""
     mt = _model_type(model)
     arch = _REGISTRY.get(mt)
+    if arch is None and _try_get(model, "model.norm") is not None and _locate_unregistered_quiet(model):
+        arch = MlpArchitecture(f"{mt} (unregistered)", (mt,), ("model.layers",), "mlp.act_fn", "", "", ("model.norm",))
     if arch is None:
         raise ArchitectureError(f"unsupported architecture {mt!r} for the logit lens: supported families are "
                                 f"{', '.join(supported_families())}")

@@ -138,6 +138,9 @@ class ModelConfig:
     device_map: str | None = None
     max_memory: str | dict | None = None
     act_path: str | None = None  # override of the activation module path, with {i}
+    revision: str | None = None  # hub branch/tag/commit (None: the run's recorded commit, else the default)
+    trust_remote_code: bool = False  # run modelling code shipped with a hub model
+    offline: bool | None = None  # never contact the hub (None: HF_HUB_OFFLINE decides)
 
     def validate(self) -> "ModelConfig":
         require(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -145,6 +148,8 @@ class ModelConfig:
         self.max_memory = parse_max_memory(self.max_memory)
         require(self.act_path is None or "{i}" in self.act_path,
                 f"--mlp-act-path must contain {{i}} (the layer index), got {self.act_path!r}")
+        require(self.revision is None or (bool(self.revision.strip()) and " " not in self.revision),
+                f"--revision must be a branch, tag or commit of the hub repo, got {self.revision!r}")
         return self
 
     def load(self, run_manifest: dict[str, Any] | None = None) -> Any:
@@ -154,8 +159,17 @@ class ModelConfig:
         info = (run_manifest or {}).get("model") if isinstance((run_manifest or {}).get("model"), dict) else {}
         name = self.model or info.get("model")
         require(bool(name), "the run's manifest names no model; pass --model")
+        # The run's own model at the commit it was recorded with, unless another one is asked for.
+        revision = self.revision or (info.get("revision") if not self.model or self.model == info.get("model") else None)
+        kwargs: dict[str, Any] = {}
+        if revision and "/" in str(name) and not Path(str(name)).expanduser().exists():
+            kwargs["revision"] = revision
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.offline is not None:
+            kwargs["offline"] = self.offline
         return load_model(name, dtype=self.dtype or info.get("dtype") or "float32", device=self.device,
-                          device_map=self.device_map, max_memory=parse_max_memory(self.max_memory))
+                          device_map=self.device_map, max_memory=parse_max_memory(self.max_memory), **kwargs)
 
 
 @dataclass
@@ -252,3 +266,66 @@ class AblationConfig:
     @property
     def control_or_none(self) -> str | None:
         return None if self.control == "none" else self.control
+
+
+# -- reproducible runs: RunConfig <-> YAML ---------------------------------------------------------
+#: RunConfig fields a config file leaves out: how a run is shown, not what it computes
+_NOT_IN_FILE = ("progress", "force")
+
+
+def run_config_to_yaml(cfg: Any) -> str:
+    """The YAML text of a `pipeline.RunConfig` (every field that decides the results)."""
+    import dataclasses
+
+    import yaml
+
+    from . import __version__
+
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in _NOT_IN_FILE:
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[f.name] = value
+    head = f"# langneurons {__version__} run config: replay with `langneurons run --config FILE [--out DIR]`\n"
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def run_config_from_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """A validated `pipeline.RunConfig` from a YAML file (as `run_config_to_yaml` writes it),
+    with ``overrides`` (e.g. the options given on the command line) taking precedence."""
+    import dataclasses
+
+    import yaml
+
+    from .pipeline import RunConfig
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise LangNeuronsError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise LangNeuronsError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    require(isinstance(data, dict), f"--config {path}: expected a mapping of run options, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - names)
+    require(not unknown, f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    data.update(overrides or {})
+    for key in ("out", "corpus"):
+        if data.get(key) is not None and not str(data[key]).startswith("hf:"):
+            data[key] = Path(data[key])
+    for key in ("neuron_sets", "control_seeds", "metrics"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    if isinstance(data.get("lam"), list):
+        data["lam"] = tuple(data["lam"])
+    data.setdefault("out", Path("runs/demo"))
+    try:
+        cfg = RunConfig(**data)
+    except TypeError as exc:
+        raise LangNeuronsError(f"--config {path}: {exc}") from None
+    return cfg.validate()

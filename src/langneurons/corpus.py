@@ -375,6 +375,9 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
                 kind: Literal["text", "qa", "auto"] = "auto", doc_sep: DocSep = "line",
                 columns: ColumnMap = ColumnMap(), split: str | None = None) -> Corpus:
     """Read a corpus and check that every requested language has at least one example."""
+    if path is not None and str(path).startswith(HF_PREFIX):
+        prefer_hf: Literal["text", "pair"] = "text" if kind == "text" else "pair"
+        return _checked(read_hf_corpus(str(path), langs, columns=columns, prefer=prefer_hf), str(path), langs, kind)
     p = Path(path) if path is not None else default_corpus_path()
     if not p.exists():
         raise CorpusError(f"corpus {p} does not exist; give a directory of <lang>.txt/.jsonl files, "
@@ -416,6 +419,11 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
                 if ex.lang != lang:
                     raise CorpusError(f"{ex.source}: language {ex.lang!r} inside the file for {lang!r}")
             by_lang.setdefault(lang, []).extend(exs)
+    return _checked(by_lang, p, langs, kind)
+
+
+def _checked(by_lang: dict[str, list[Example]], p: Path | str, langs: Sequence[str] | None, kind: str) -> Corpus:
+    """The requested languages of a corpus, each non-empty and of one kind of record."""
     corpus = Corpus(by_lang, str(p))
     corpus = corpus.select(langs) if langs else corpus
     if not corpus.by_lang:
@@ -428,3 +436,145 @@ def load_corpus(path: str | Path | None = None, langs: Sequence[str] | None = No
             raise CorpusError(f"{exs[0].source or p}: the 'response' scope needs prompt/response pairs, but language "
                               f"{lang!r} holds plain texts; map --prompt-column/--response-column or use --scope all")
     return corpus
+
+
+# -- Hugging Face datasets: hf:REPO[:CONFIG][@SPLIT] ----------------------------------------------
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class HfSpec:
+    """Where a corpus lives on the hub (or in the datasets cache, or a local dataset directory).
+
+    ``config`` and ``split`` may be language templates such as ``{iso_639_3}_{iso_15924}``
+    (see `langcodes.format_language`): the dataset is then loaded once per requested language.
+    ``text`` names the text column when the user kept the default one; ``dedupe`` drops repeated
+    texts (Belebele repeats each passage for each of its questions)."""
+
+    repo: str
+    config: str | None = None
+    split: str | None = None
+    text: str | None = None
+    dedupe: bool = False
+    about: str = ""
+
+    @property
+    def templated(self) -> bool:
+        return "{" in (self.config or "") or "{" in (self.split or "")
+
+
+#: ``hf:flores`` / ``hf:belebele``: parallel FLORES-200 sentences (dev split; ``hf:flores@devtest``)
+#: and the Belebele passages (themselves FLORES-200 text), one config per language in FLORES form.
+HF_PRESETS: dict[str, HfSpec] = {
+    "flores": HfSpec("openlanguagedata/flores_plus", "{iso_639_3}_{iso_15924}", "dev", "text",
+                     about="FLORES+ (FLORES-200), parallel sentences"),
+    "belebele": HfSpec("facebook/belebele", "{iso_639_3}_{iso_15924}", "test", "flores_passage", dedupe=True,
+                       about="Belebele passages (accuracy: `langneurons eval --tasks belebele_<flores>`)"),
+}
+
+
+def parse_hf_spec(spec: str) -> HfSpec:
+    """``hf:REPO[:CONFIG][@SPLIT]`` or a preset (``hf:flores``, ``hf:belebele@test``)."""
+    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    body, at, split = body.rpartition("@") if "@" in body else (body, "", "")
+    repo, _, config = body.partition(":")
+    if not repo.strip():
+        raise CorpusError(f"corpus {spec!r}: give hf:REPO[:CONFIG][@SPLIT], e.g. hf:facebook/belebele:deu_Latn@test "
+                          f"or a preset ({', '.join('hf:' + k for k in HF_PRESETS)})")
+    preset = HF_PRESETS.get(repo)
+    if preset is not None:
+        return HfSpec(preset.repo, config or preset.config, split or preset.split, preset.text, preset.dedupe,
+                      preset.about)
+    return HfSpec(repo, config or None, split or None)
+
+
+def _load_hf(spec: HfSpec, config: str | None, split: str | None, where: str) -> object:
+    """One dataset split: a ``save_to_disk`` directory, else ``datasets.load_dataset`` (the
+    datasets cache first; the hub unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError("reading a Hugging Face dataset needs the 'datasets' package: "
+                          "pip install 'langneurons[datasets]'") from None
+    local = Path(spec.repo).expanduser()
+    try:
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(local))
+        else:
+            ds = datasets.load_dataset(spec.repo, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CorpusError(f"{where}: cannot load the dataset ({text}); check the repo, config and split, and that it "
+                          "is in the datasets cache when offline (HF_HUB_OFFLINE)") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split is None:
+            split = "train" if "train" in ds else names[0]
+        if split not in ds:
+            raise CorpusError(f"{where}: no split {split!r} (has {names})")
+        ds = ds[split]
+    return ds
+
+
+def _hf_examples(ds: object, cols: ColumnMap, lang: str | None, where: str, prefer: Literal["text", "pair"],
+                 dedupe: bool) -> list[Example]:
+    columns = set(ds.column_names)  # type: ignore[attr-defined]
+    as_pairs = (cols.prompt in columns or cols.response in columns) and not (prefer == "text" and cols.text in columns)
+    wanted = ([] if lang is not None else [cols.lang]) + ([cols.prompt, cols.response] if as_pairs else [cols.text])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        hint = (" or give a language template (hf:REPO:{iso_639_3}_{iso_15924})" if cols.lang in missing else "")
+        raise CorpusError(f"{where}: unknown column(s) {missing}; the dataset has {sorted(columns)} (map them with "
+                          f"--lang-column/--text-column/--prompt-column/--response-column{hint})")
+    keep = [c for c in (cols.lang, cols.text, cols.prompt, cols.response, cols.id) if c in columns]
+    out: list[Example] = []
+    seen: set[tuple] = set()
+    for i, rec in enumerate(ds.select_columns(keep)):  # type: ignore[attr-defined]
+        ex = _record_to_example(rec, cols, lang, f"{where}[{i}]", prefer)
+        if lang is not None and ex.lang != lang:
+            ex = Example(lang, ex.text, ex.prompt, ex.response, ex.id, ex.source)
+        if dedupe:
+            key = (ex.lang, ex.text, ex.prompt, ex.response)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(ex)
+    return out
+
+
+def read_hf_corpus(spec: str, langs: Sequence[str] | None = None, *, columns: ColumnMap = ColumnMap(),
+                   prefer: Literal["text", "pair"] = "pair") -> dict[str, list[Example]]:
+    """Examples per language from ``hf:REPO[:CONFIG][@SPLIT]``.
+
+    Languages come from a language template in CONFIG/SPLIT (one load per requested language,
+    labelled as the user wrote it: ``--langs de`` loads ``deu_Latn``), else from the language
+    column, whose values are matched to the requested languages in any code form (a ``deu_Latn``
+    column value answers ``--langs de``)."""
+    from .langcodes import format_language, same_language
+
+    hf = parse_hf_spec(spec)
+    cols = columns if columns.text != "text" or hf.text is None else ColumnMap(
+        columns.lang, hf.text, columns.prompt, columns.response, columns.id)
+    if hf.templated:
+        if not langs:
+            raise CorpusError(f"corpus {spec}: a language template loads one dataset per language; give --langs "
+                              "(e.g. en,de,zh)")
+        by_lang: dict[str, list[Example]] = {}
+        for lang in langs:
+            config = format_language(hf.config, lang) if hf.config else None
+            split = format_language(hf.split, lang) if hf.split else None
+            where = f"hf:{hf.repo}:{config or ''}@{split or ''}"
+            by_lang[lang] = _hf_examples(_load_hf(hf, config, split, where), cols, lang, where, prefer, hf.dedupe)
+        return by_lang
+    where = f"hf:{hf.repo}:{hf.config or ''}@{hf.split or ''}"
+    ds = _load_hf(hf, hf.config, hf.split, where)
+    single = langs[0] if langs and len(langs) == 1 and cols.lang not in set(ds.column_names) else None  # type: ignore[attr-defined]
+    grouped = _group(_hf_examples(ds, cols, single, where, prefer, hf.dedupe))
+    if langs:  # a deu_Latn column value answers --langs de (and de answers deu_Latn)
+        for want in langs:
+            if want not in grouped:
+                match = next((have for have in grouped if same_language(have, want)), None)
+                if match is not None:
+                    grouped[want] = [Example(want, e.text, e.prompt, e.response, e.id, e.source)
+                                     for e in grouped.pop(match)]
+    return grouped

@@ -706,7 +706,10 @@ _DETECTORS: dict[tuple[str, ...], Any] = {}
 
 
 def _primary(code: str) -> str:
-    return re.split(r"[-_]", code.strip())[0].lower()
+    """The ISO 639-1 code lingua speaks, from any form (``de``, ``deu``, ``deu_Latn``, ``de-AT``)."""
+    from .langcodes import to_iso639_1
+
+    return to_iso639_1(code) or re.split(r"[-_]", code.strip())[0].lower()
 
 
 def language_detector(languages: Sequence[str] | None = None) -> Any:
@@ -716,7 +719,11 @@ def language_detector(languages: Sequence[str] | None = None) -> Any:
     det = _DETECTORS.get(codes)
     if det is not None:
         return det
-    from lingua import IsoCode639_1, LanguageDetectorBuilder
+    try:
+        from lingua import IsoCode639_1, LanguageDetectorBuilder
+    except ImportError:
+        raise LangNeuronsError("language identification (the accuracy metric's language check) needs lingua: "
+                               "pip install 'langneurons[eval]'") from None
 
     isos, unknown = [], []
     for c in codes:

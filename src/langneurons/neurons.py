@@ -172,7 +172,20 @@ class NeuronMap:
         return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=blob))
 
     @classmethod
-    def load(cls, path: str | Path) -> "NeuronMap":
+    def load(cls, path: str | Path, model: Any = None) -> "NeuronMap":
+        """Read a map (a file, a run directory or a `langneurons package` folder). With ``model``
+        (an nn.Module or a `models.LoadedModel`) a map made for another model shape is refused
+        with one line, before any intervention could use it."""
+        if model is not None:
+            out = cls.load(path)
+            from .arch import locate_activations
+
+            is_loaded = hasattr(model, "tokenizer") and hasattr(model, "fingerprint")  # a models.LoadedModel
+            sites = locate_activations(model.model if is_loaded else model)
+            made_for = out.meta.get("model") or "another model"
+            out.check_fits(sites.num_layers, sites.num_neurons,
+                           what=f"this model (the map was made for {made_for})")
+            return out
         path = Path(path)
         if path.is_dir():
             path = path / "neurons.safetensors"

@@ -54,6 +54,9 @@ class RunConfig:
     device_map: str | None = None
     max_memory: str | dict | None = None
     mlp_act_path: str | None = None
+    revision: str | None = None  # hub branch/tag/commit of --model
+    trust_remote_code: bool = False
+    offline: bool | None = None  # None: HF_HUB_OFFLINE decides
     pivot: str = "en"
     bootstrap: int = 1000  # resamples of evaluation documents for ΔNLL intervals (0: none)
     stability: int = 0  # bootstrap resamples of the identification (0: skip; `langneurons stability`)
@@ -68,7 +71,8 @@ class RunConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(model=self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-                           max_memory=self.max_memory, act_path=self.mlp_act_path)
+                           max_memory=self.max_memory, act_path=self.mlp_act_path, revision=self.revision,
+                           trust_remote_code=self.trust_remote_code, offline=self.offline)
 
     def ablation_config(self) -> AblationConfig:
         return AblationConfig(sets=self.neuron_sets, control=self.control, control_seeds=self.control_seeds,

@@ -127,7 +127,7 @@ class IdentifyStage(Stage[Any]):
             stats = ActivationStats.load(self.run.path, buckets=False)  # identification never reads buckets
             self._stats = stats.subset(self.config.langs) if self.config.langs else stats
             info = self.run.read_manifest().get("model") or {}
-            for key in ("model", "model_fingerprint"):
+            for key in ("model", "model_fingerprint", "revision", "hook_point"):
                 if self._stats.meta.get(key) is None and info.get(key) is not None:
                     self._stats.meta[key] = info[key]
         return self._stats

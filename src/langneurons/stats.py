@@ -108,7 +108,9 @@ class LanguageStats:
         # The file carries a hash of its own content, so a stats file copied without its
         # manifest (a shard moved between machines, a partial flush) still proves it is whole.
         blob[CONTENT_HASH_KEY] = _content_sha256(tensors, blob["langneurons"])
-        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=blob))
+        from .io import save_safetensors  # metadata keys in a fixed order: reproducible bytes
+
+        return atomic_write(path, lambda p: save_safetensors(tensors, p, blob))
 
     @classmethod
     def load(cls, path: str | Path, expected_sha256: str | None = None, *, buckets: bool = True) -> "LanguageStats":

@@ -64,20 +64,27 @@ def identify(
 @app.command()
 def export(
     neurons: Path = typer.Argument(..., help="Neuron map file or run directory."),
-    format: str = typer.Option("lape", "--format", help="lape: List[K][L] of sorted LongTensors (torch.save)."),
-    classes: str = typer.Option("specific,related", help="Comma list of specific,related,general, or 'selected'."),
-    out: Path = typer.Option(..., help="File to write, e.g. mask.pt."),
+    format: str = typer.Option("lape", "--format", help="lape (List[K][L] index tensors) | njunlp (the "
+                               "arXiv:2505.21505 authors' mask) | pruned-model (a model copy with the set's "
+                               "down-projection inputs zeroed) | lm-eval-steer (lm-eval's steered-model .pt) | parquet."),
+    classes: Optional[str] = typer.Option(None, help="Comma list of specific,related,general, or 'selected' "
+                                          "(default: selected for njunlp, else specific,related)."),
+    out: Path = typer.Option(..., help="File to write (a directory for pruned-model)."),
+    langs: Optional[str] = typer.Option(None, help="pruned-model / lm-eval-steer: the languages whose neurons "
+                                        "form the set (default: all)."),
+    value: float = typer.Option(1.0, help="lm-eval-steer: the value added to each neuron of the set."),
+    model: Optional[str] = typer.Option(None, help="pruned-model: the model (default: the run's)."),
+    dtype: Optional[str] = typer.Option(None, help="pruned-model: float32 | bfloat16 | float16 (default: the run's)."),
+    revision: Optional[str] = typer.Option(None, help="pruned-model: hub revision (default: the run's commit)."),
+    trust_remote_code: bool = typer.Option(False, help="pruned-model: run modelling code shipped with the model."),
 ) -> None:
-    """Export a neuron map to the published mask format."""
-    from ..neurons import NeuronMap, save_lape, to_lape
+    """Export a neuron map for other tools (published masks, a pruned model, lm-eval, parquet)."""
+    from ..config import ModelConfig
+    from ..export import export as do_export
 
-    if format != "lape":
-        raise LangNeuronsError(f"unknown --format {format!r}; the only export format is 'lape'")
-    nmap = NeuronMap.load(neurons)
-    masks = to_lape(nmap, classes)
-    save_lape(nmap, classes, out)
-    counts = ", ".join(f"{lang}:{sum(int(t.numel()) for t in m)}" for lang, m in zip(nmap.languages, masks))
-    typer.echo(f"wrote {out} ({classes}; {counts})")
+    cfg = ModelConfig(model=model, dtype=dtype, device="cpu", revision=revision, trust_remote_code=trust_remote_code)
+    typer.echo(do_export(neurons, format, out, classes=classes, langs=split_list(langs, what="--langs"), value=value,
+                         model=cfg.validate()))
 
 
 @app.command("import-neurons")

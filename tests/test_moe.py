@@ -371,7 +371,7 @@ def test_planted_expert_is_found_and_its_neurons_are_unobserved_elsewhere(tok, t
     assert routed[0, 0, 0] == 0 and routed[1, 0, 0] == 0  # en, de never reach expert (0, 0)
     assert routed[2, 0, 0] > 20  # zh does
 
-    cfg = moe.MoeIdentifyConfig(min_routed=5, expert_bar=0.5, expert_lam=0.0)
+    cfg = moe.MoeIdentifyConfig(min_routed=5)
     nmap = moe.identify_moe(stats, top_rate=0.05, bar=0.9, lam=0.0, moe=cfg)
     emap = moe.experts_map(nmap)
     assert emap.language_mask("zh", ("specific",))[0, 0]  # zh's expert
@@ -554,3 +554,23 @@ def test_meta_and_errors(tok, tmp_path):
                progress=False)
     with pytest.raises(StatsError, match="no routed-token counts"):
         moe.neuron_probs(ActivationStats(["en", "de"], torch.zeros(2, 1, 4, dtype=torch.int64), torch.tensor([1, 1])))
+
+
+def test_report_section_and_heatmap(tok, tmp_path):
+    """The full report of a MoE run: anatomy as for dense models plus the MoE section with the
+    per-layer table (unobserved neurons) and the layer x expert heatmap per language."""
+    from langneurons.config import IdentifyConfig
+    from langneurons.report.html import build_report
+    from langneurons.report.moe import specialisation
+    from langneurons.stages import IdentifyStage
+
+    model, _ = planted_model(tok, "zh")
+    run = tmp_path / "run"
+    stats = record(model, tok, corpus(("en", "de", "zh")), run, RecordConfig(batch_size=4), progress=False)
+    IdentifyStage(run, IdentifyConfig(top_rate=0.1, bar=0.7, lam=0.0)).run_stage()
+    page = build_report(run).read_text(encoding="utf-8")
+    assert 'id="section-moe"' in page and "unobserved en" in page and "Language-specific experts" in page
+    assert (run / "figures" / "moe_experts.png").is_file()
+    q = specialisation(moe.routing_shares(stats))
+    assert float(q[2, 0, 0]) == 1.0 and float(q[0, 0, 0]) == 0.0  # only zh reaches expert (0, 0)
+    torch.testing.assert_close(q.sum(0), torch.ones(2, E))

@@ -545,8 +545,11 @@ class MoeIdentifyConfig:
     min_routed: int = DEFAULT_MIN_ROUTED
     expert_method: str = "entropy-lambda"
     expert_top_rate: float = 0.05  # of L·E experts (at least one expert is selected)
-    expert_bar: float = 0.95  # τ of the routing shares
-    expert_lam: str | float = "auto"
+    # τ of the routing shares: None = the share of uniform routing (top_k/E routed, 1/E mass), so an
+    # expert is "active" in a language that routes to it more than evenly; a number = that quantile of
+    # all K·L·E shares, as `bar` for neurons (with few experts the quantile often ties at the top)
+    expert_bar: float | None = None
+    expert_lam: str | float = 0.0  # entropy only by default; "auto" = the published λ search (docs/moe.md)
     expert_source: str = "routed"  # routed (top-k choices) | mass (router probability)
 
     def validate(self) -> "MoeIdentifyConfig":
@@ -558,6 +561,8 @@ class MoeIdentifyConfig:
             raise LangNeuronsError(f"unknown expert method {self.expert_method!r}; choose one of {', '.join(sorted(METHODS))}")
         for name in ("expert_top_rate", "expert_bar"):
             v = getattr(self, name)
+            if v is None and name == "expert_bar":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise LangNeuronsError(f"--{name.replace('_', '-')} must be in (0, 1], got {v!r}")
         if self.expert_source not in ("routed", "mass"):
@@ -638,13 +643,20 @@ def identify_experts(stats: ActivationStats, config: MoeIdentifyConfig | None = 
     shares = routing_shares(stats, cfg.expert_source)
     K, L, E = shares.shape
     k = max(1, selection_size(cfg.expert_top_rate, L * E))
-    params: dict[str, Any] = {"top_rate": k / (L * E), "bar": float(cfg.expert_bar)}
+    if cfg.expert_bar is None:
+        top_k = int((stats.meta.get("moe") or {}).get("top_k") or 1) if cfg.expert_source == "routed" else 1
+        tau = torch.tensor(top_k / E, dtype=torch.float32)
+    else:
+        tau = activation_threshold(shares, cfg.expert_bar)
+    params: dict[str, Any] = {"top_rate": k / (L * E), "bar": float(cfg.expert_bar or 0.5)}  # (bar: unused, τ given)
     if cfg.expert_method == "entropy-lambda":
         params["lam"] = cfg.expert_lam
-    tau = activation_threshold(shares, cfg.expert_bar)
     fit, selected, active, n_active, scores = _fit_subset(cfg.expert_method, params, shares, tau,
                                                           torch.ones(L, E, dtype=torch.bool))
-    meta = {"what": "experts", "method": cfg.expert_method, "params": {**params, "source": cfg.expert_source},
+    params["bar"] = cfg.expert_bar
+    meta = {"what": "experts", "method": cfg.expert_method,
+            "params": {**params, "source": cfg.expert_source,
+                       "tau_rule": "uniform share" if cfg.expert_bar is None else "quantile"},
             "k_select": k, "stats_fingerprint": stats.fingerprint(), "model": stats.meta.get("model"),
             "model_fingerprint": stats.meta.get("model_fingerprint"), "tie_rule": TIE_RULE}
     return _map(list(stats.languages), fit, selected, active, n_active, scores, meta)

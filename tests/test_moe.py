@@ -158,6 +158,20 @@ def test_sites_of_every_family(family_model):
         sites.add_hooks(lambda layer, out: None)  # a dense hook would count nonsense: refused
 
 
+def test_logit_lens_reads_moe_models(family_model, tok):
+    """The lens's unembedding of a MoE family: the last block's output through it = the logits."""
+    from langneurons.arch import locate_unembedding
+
+    _, model = family_model
+    un = locate_unembedding(model)
+    got = {}
+    h = un.layers[-1].register_forward_hook(lambda _m, _i, out: got.update(h=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tok("How many apples are left?")["input_ids"]])).logits
+        h.remove()
+        torch.testing.assert_close(un.logits(got["h"]), logits, rtol=1e-10, atol=1e-10)
+
+
 def test_mixed_dense_and_moe_layers_refused(tok):
     cfg = moe_config("qwen3_moe", len(tok))
     cfg.mlp_only_layers = [1]
@@ -447,8 +461,10 @@ def test_zeroing_all_neurons_of_an_expert_equals_zeroing_its_down_projection(fam
     family, model = family_model
     sites = locate_experts(model)
     ids = tok("Wir gingen am Morgen zum Markt.")["input_ids"]
-    mask = torch.zeros(2, sites.num_neurons, dtype=torch.bool)
-    mask[1, 2 * I:3 * I] = True  # every neuron of expert 2 in layer 1
+    emask = torch.zeros(2, E, dtype=torch.bool)
+    emask[1, 2] = True
+    mask = moe.expert_neuron_mask(sites, emask)  # every neuron of expert 2 in layer 1
+    assert mask.sum() == I and mask[1, 2 * I:3 * I].all()
     with torch.no_grad():
         base = model(input_ids=torch.tensor([ids])).logits
         with deactivate(model, mask) as iv:  # the common entry point dispatches to moe

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["is_moe", "is_moe_stats", "record_moe", "count_moe", "check_moe_stats", "neuron_denominators",
            "neuron_probs", "routing_shares", "MoeIdentifyConfig", "identify_moe", "identify_experts",
-           "experts_map", "deactivate_neurons", "mask_experts", "moe_summary", "ROUTED", "MASS", "DEFAULT_MIN_ROUTED"]
+           "experts_map", "deactivate_neurons", "mask_experts", "expert_neuron_mask", "moe_summary", "ROUTED", "MASS",
+           "DEFAULT_MIN_ROUTED"]
 
 #: names of the extra tensors in a MoE stats file (`LanguageStats.extra`)
 ROUTED, MASS = "moe_routed", "moe_mass"
@@ -976,6 +977,9 @@ def expert_neuron_mask(sites: ExpertSites | Any, expert_mask: torch.Tensor) -> t
     """bool [L, E·I + S]: every neuron of the experts in ``expert_mask`` [L, E] (e.g. to compare
     zeroing an expert's neurons with masking its router logit)."""
     E, I, S = sites.num_experts, sites.expert_size, sites.shared_size
+    if tuple(expert_mask.shape) != (sites.num_layers, E):
+        raise NeuronMapError(f"the expert mask is {list(expert_mask.shape)}, the model has {sites.num_layers} layers x "
+                             f"{E} experts")
     per = expert_mask.to(torch.bool).repeat_interleave(I, dim=-1)
     return torch.cat([per, torch.zeros(*per.shape[:-1], S, dtype=torch.bool)], dim=-1)
 

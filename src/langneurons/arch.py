@@ -87,7 +87,7 @@ def lora_targets(model: nn.Module) -> list[str] | None:
 
 
 def supported_families() -> list[str]:
-    return sorted({a.family for a in _REGISTRY.values()})
+    return sorted({a.family for a in _REGISTRY.values()} | {a.family for a in _MOE_REGISTRY.values()})
 
 
 def _get(root: Any, path: str) -> Any:
@@ -145,6 +145,8 @@ def locate_activations(model: nn.Module, act_path: str | None = None) -> Activat
     if act_path is not None:
         return _locate_from_template(model, act_path)
     mt = _model_type(model)
+    if mt in _MOE_REGISTRY:  # experts: `ExpertSites`, patched by langneurons.moe (never by plain hooks)
+        return locate_experts(model)
     arch = _REGISTRY.get(mt)
     if arch is None:
         sites = _locate_unregistered(model, mt)
@@ -285,7 +287,7 @@ class Unembedding:
 def locate_unembedding(model: nn.Module) -> Unembedding:
     """The blocks, final norm, unembedding and logit soft-cap of a supported family."""
     mt = _model_type(model)
-    arch = _REGISTRY.get(mt)
+    arch: Any = _REGISTRY.get(mt) or _MOE_REGISTRY.get(mt)
     if arch is None and _try_get(model, "model.norm") is not None and _locate_unregistered_quiet(model):
         arch = MlpArchitecture(f"{mt} (unregistered)", (mt,), ("model.layers",), "mlp.act_fn", "", "", ("model.norm",))
     if arch is None:
@@ -307,3 +309,148 @@ def locate_unembedding(model: nn.Module) -> Unembedding:
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     cap = getattr(text_cfg, "final_logit_softcapping", None)
     return Unembedding(list(layers), norm, post, head, float(cap) if cap else None, arch.family)
+
+
+# -- mixtures of experts -----------------------------------------------------------------------
+# A MoE layer's MLP neurons live inside experts, and a token reaches only the experts its router
+# picks (top-k), so there is no single activation tensor per layer to hook: `langneurons.moe`
+# records and patches the experts through `ExpertSites`. The neuron index is (layer, expert,
+# neuron), flattened per layer expert-major -- column n = e·I + i for routed expert e (I neurons
+# each), then the shared expert's S neurons (column E·I + j) where the family has one -- so the
+# stats, neuron maps and masks keep their [L, N] shape with N = E·I + S.
+
+
+@dataclass(frozen=True)
+class MoeArchitecture:
+    """Where a mixture-of-experts family keeps its router, experts and shared expert.
+
+    The installed transformers (5.x) stores a layer's routed experts fused, as 3-D parameters
+    ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and ``experts.down_proj`` [E, H, I],
+    with one ``experts.act_fn`` shared by all experts of the layer; the router (``gate``) returns
+    ``(router_logits, top-k weights, top-k indices)`` and routes by softmax then top-k."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers_paths: tuple[str, ...]
+    block_path: str  # the sparse MoE block, relative to a layer
+    router_path: str  # relative to the block
+    experts_path: str  # relative to the block
+    shared_path: str | None  # the shared expert MLP (always used), relative to the block; None: none
+    activation: str
+    final_norm_paths: tuple[str, ...] = ()
+    # whether the top-k weights are renormalised to sum to 1: an attribute of the router, or this default
+    normalize_default: bool = True
+
+
+_MOE_REGISTRY: dict[str, MoeArchitecture] = {}
+
+
+def register_moe_architecture(arch: MoeArchitecture) -> None:
+    """Teach langneurons a new mixture-of-experts family (model_type -> router / experts paths)."""
+    for mt in arch.model_types:
+        _MOE_REGISTRY[mt] = arch
+
+
+for _fam, _shared in [("mixtral", None), ("qwen2_moe", "shared_expert"), ("qwen3_moe", None), ("olmoe", None)]:
+    register_moe_architecture(MoeArchitecture(_fam, (_fam,), ("model.layers",), "mlp", "gate", "experts", _shared,
+                                              "silu", ("model.norm",)))
+
+
+def is_moe(model: nn.Module) -> bool:
+    """True for a model of a registered mixture-of-experts family."""
+    return _model_type(model) in _MOE_REGISTRY
+
+
+@dataclass
+class ExpertSites(ActivationSites):
+    """The router, experts and shared expert of every MoE layer (`langneurons.moe` patches them).
+
+    ``modules`` holds the experts module of each layer; ``num_neurons`` = E·I + S. Hooking
+    ``modules`` like a dense activation would count nothing meaningful, so `add_hooks` refuses:
+    use `langneurons.moe` (record, deactivate)."""
+
+    routers: list[nn.Module] = None  # type: ignore[assignment]
+    shared_acts: list[nn.Module] | None = None  # the shared expert's activation module per layer
+    num_experts: int = 0  # E
+    expert_size: int = 0  # I: neurons per routed expert
+    shared_size: int = 0  # S: neurons of the shared expert (0: none)
+    top_k: int = 0
+    normalize_topk: bool = True
+    is_moe: bool = True
+
+    @property
+    def routed_neurons(self) -> int:
+        """E·I: the columns of routed experts (the shared expert's follow them)."""
+        return self.num_experts * self.expert_size
+
+    def expert_of(self, neuron: torch.Tensor) -> torch.Tensor:
+        """The expert of each flat neuron index (E for a shared-expert neuron)."""
+        neuron = torch.as_tensor(neuron)
+        return torch.where(neuron < self.routed_neurons, neuron // max(self.expert_size, 1),
+                           torch.full_like(neuron, self.num_experts))
+
+    def add_hooks(self, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) -> list[Any]:
+        raise ArchitectureError(f"{self.family} is a mixture of experts: its neurons live inside experts and have no "
+                                "single activation tensor per layer; use langneurons.moe (record, deactivate)")
+
+
+def locate_experts(model: nn.Module) -> ExpertSites:
+    """The MoE layers of a registered mixture-of-experts family, or one clear error line."""
+    mt = _model_type(model)
+    arch = _MOE_REGISTRY.get(mt)
+    if arch is None:
+        raise ArchitectureError(f"{mt!r} is not a registered mixture-of-experts family (registered: "
+                                f"{', '.join(sorted({a.family for a in _MOE_REGISTRY.values()}))})")
+    layers = next((ls for lp in arch.layers_paths if isinstance(ls := _try_get(model, lp), (nn.ModuleList, list))
+                   and len(ls) > 0), None)
+    if layers is None:
+        raise ArchitectureError(f"{mt}: none of the layer paths {arch.layers_paths} exists in this model")
+    routers, experts, shared = [], [], []
+    dense = []
+    for i, layer in enumerate(layers):
+        block = _try_get(layer, arch.block_path)
+        router = _try_get(block, arch.router_path) if block is not None else None
+        ex = _try_get(block, arch.experts_path) if block is not None else None
+        if router is None or ex is None:
+            dense.append(i)
+            continue
+        for name in ("gate_up_proj", "down_proj", "act_fn"):
+            if not hasattr(ex, name):
+                raise ArchitectureError(f"{mt}: layer {i}'s experts have no '{name}' (expected fused expert weights "
+                                        "gate_up_proj [E, 2I, H] / down_proj [E, H, I], transformers >= 5); this layout "
+                                        "is not supported")
+        if getattr(ex, "has_bias", False) or getattr(ex, "is_transposed", False) \
+                or not getattr(ex, "is_concatenated", True) or not getattr(ex, "has_gate", True):
+            raise ArchitectureError(f"{mt}: layer {i}'s experts use a weight layout (bias / transposed / interleaved / "
+                                    "no gate) that langneurons.moe does not support")
+        routers.append(router)
+        experts.append(ex)
+        if arch.shared_path is not None:
+            sh = _try_get(block, arch.shared_path)
+            act = _try_get(sh, "act_fn") if sh is not None else None
+            if not isinstance(act, nn.Module):
+                raise ArchitectureError(f"{mt}: layer {i} has no shared expert activation at "
+                                        f"'{arch.block_path}.{arch.shared_path}.act_fn'")
+            shared.append(act)
+    if dense:
+        raise ArchitectureError(f"{mt}: layers {dense[:5]} are dense MLPs (mlp_only_layers / decoder_sparse_step); "
+                                "a stack mixing dense and MoE layers is not supported")
+    shapes = {tuple(e.gate_up_proj.shape) for e in experts}
+    if len(shapes) != 1:
+        raise ArchitectureError(f"{mt}: layers have different expert shapes {sorted(shapes)}; not supported")
+    E, two_i, _ = shapes.pop()
+    shared_sizes = {int(_get(layer, f"{arch.block_path}.{arch.shared_path}.gate_proj.out_features"))
+                    for layer in layers} if arch.shared_path else {0}
+    if len(shared_sizes) != 1:
+        raise ArchitectureError(f"{mt}: layers have different shared-expert sizes {sorted(shared_sizes)}")
+    S = shared_sizes.pop()
+    top_ks = {int(getattr(r, "top_k")) for r in routers}
+    if len(top_ks) != 1:
+        raise ArchitectureError(f"{mt}: layers route to different numbers of experts {sorted(top_ks)}")
+    _check_distinct(experts, mt)
+    norm = getattr(routers[0], "norm_topk_prob", arch.normalize_default)
+    I = two_i // 2
+    hook = f"{arch.layers_paths[0]}.{{i}}.{arch.block_path}.{arch.experts_path}[e].act_fn"
+    return ExpertSites(experts, E * I + S, hook, arch.family, routers=routers, shared_acts=shared or None,
+                       num_experts=int(E), expert_size=int(I), shared_size=int(S), top_k=top_ks.pop(),
+                       normalize_topk=bool(norm))

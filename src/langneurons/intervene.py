@@ -262,6 +262,13 @@ def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor:
     if positions not in ("all", "generated"):
         raise LangNeuronsError(f"unknown positions {positions!r}; use all or generated")
     sites = sites or locate_activations(model, act_path)
+    if getattr(sites, "is_moe", False):  # mixture of experts: neurons inside experts (langneurons.moe)
+        from .moe import deactivate_neurons
+
+        with deactivate_neurons(model, mask, mode=mode, factor=factor, values=values, positions=positions,
+                                prompt_length=prompt_length, sites=sites) as moe_iv:  # type: ignore[arg-type]
+            yield moe_iv
+        return
     L, N = sites.num_layers, sites.num_neurons
     indices = as_indices(mask, L, N)
     if mode == "set":

@@ -609,6 +609,13 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     this with the same arguments; rank 0 decides which languages are finished and is the
     only writer; every rank returns the same (all-reduced) stats.
     """
+    from .arch import is_moe
+
+    if is_moe(model):  # neurons inside experts: per-expert denominators and router statistics
+        from .moe import record_moe
+
+        return record_moe(model, tokenizer, corpus, out, config, model_id=model_id, model_fingerprint=model_fingerprint,
+                          force=force, progress=progress, redo_stale=redo_stale, by=by)
     config = (config or RecordConfig()).validate()
     t_start = time.perf_counter()
     recorder = Recorder(model, tokenizer, config)

@@ -138,7 +138,10 @@ class IdentifyStage(Stage[Any]):
 
     def compute(self) -> Any:
         from .identify import identify
+        from .moe import identify_moe, is_moe_stats
 
+        if is_moe_stats(self.stats):  # expert neurons: p over routed tokens, unobserved neurons unclassified
+            return identify_moe(self.stats, method=self.config.method, **self.config.params())
         return identify(self.stats, method=self.config.method, **self.config.params())
 
     def load(self) -> Any:
@@ -403,7 +406,10 @@ class AblationStage:
             except LangNeuronsError as exc:
                 raise LangNeuronsError(f"the matched control needs the run's stats ({exc}); or use --control layer") \
                     from None
-            self._activity = activity_from_probs(stats.probs())
+            from .moe import is_moe_stats, neuron_probs
+
+            # MoE: firing rates over the tokens routed to each neuron's expert (0 where unobserved)
+            self._activity = activity_from_probs(neuron_probs(stats)[0] if is_moe_stats(stats) else stats.probs())
         return self._activity
 
     def _compute(self, loaded: Any, family: str, sets: list[str], echo: Echo) -> tuple[Any, dict[str, Any]]:

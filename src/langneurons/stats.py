@@ -23,6 +23,11 @@ On disk a run directory holds ``stats/<lang>.safetensors`` (tensors ``positive``
 bucket holds fewer than 2**31 tokens, else int64), ``bucket_tokens`` [B], ``bucket_docs`` [B])
 with a JSON metadata blob under the key ``langneurons``, and ``manifest.json`` listing the
 languages in order and each file's sha256.
+
+Extra counts (``extra``, tensors ``extra.<name>`` on disk): further non-negative counts that
+add up like the others, e.g. a mixture of experts' routed-token counts per expert
+(`langneurons.moe`). They are saved, loaded, checked, added by merging and stacked per
+language; every input of a merge or stack must carry the same names and shapes.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class LanguageStats:
     bucket_positive: torch.Tensor | None = None  # int32/int64 [B, L, N], sums to `positive`
     bucket_tokens: torch.Tensor | None = None  # int64 [B], sums to `tokens`
     bucket_docs: torch.Tensor | None = None  # int64 [B]: documents per bucket
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # further counts that add up (module docstring)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -103,6 +109,8 @@ class LanguageStats:
             tensors["sum"] = self.sums.to(torch.float64).contiguous().cpu()
         if self.has_buckets:
             tensors.update(_bucket_tensors_for_disk(self))
+        for name, t in self.extra.items():
+            tensors[f"extra.{name}"] = t.contiguous().cpu()
         meta = dict(self.meta, lang=self.lang, tokens=int(self.tokens))
         blob = {"langneurons": json.dumps(meta, ensure_ascii=False, default=str)}
         # The file carries a hash of its own content, so a stats file copied without its
@@ -162,6 +170,7 @@ class LanguageStats:
                                    hint="; the file is damaged or forged, do not use it", error=StatsError)
         out = cls(lang=lang, positive=tensors["positive"].to(torch.int64),
                   tokens=int(tensors["tokens"].item()), sums=tensors.get("sum"), meta=meta)
+        out.extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         if present:
             out.bucket_positive = tensors["bucket_positive"]  # int32 or int64, as stored
             out.bucket_tokens = tensors["bucket_tokens"].to(torch.int64)
@@ -185,6 +194,11 @@ class LanguageStats:
                              f"{tuple(self.positive.shape)}; the stats are inconsistent")
         if self.sums is not None and torch.isnan(self.sums).any():
             raise StatsError(f"{where}: activation sums contain NaN (overflow in a low-precision run?)")
+        for name, t in self.extra.items():
+            if t.dtype.is_floating_point and bool(torch.isnan(t).any()):
+                raise StatsError(f"{where}: extra counts '{name}' contain NaN")
+            if t.numel() and bool((t < 0).any()):
+                raise StatsError(f"{where}: extra counts '{name}' are negative; the stats are inconsistent")
         self._validate_buckets(where)
 
     def _validate_buckets(self, where: str) -> None:
@@ -231,6 +245,7 @@ class LanguageStats:
         if shards:
             meta["shards"] = shards
         out = LanguageStats(self.lang, self.positive + other.positive, self.tokens + other.tokens, sums, meta)
+        out.extra = _add_extra(self.extra, other.extra, self.lang)
         # Buckets add elementwise: both inputs deal document j into bucket j mod B with the SAME
         # global index j (shards and ranks keep the corpus-wide index), so bucket b of the sum
         # holds exactly the documents an unsharded run puts there.
@@ -244,6 +259,15 @@ class LanguageStats:
                           "keeps the totals only, so `langneurons stability` needs a new recording of it",
                           stacklevel=2)
         return out
+
+
+def _add_extra(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Extra counts add elementwise; inputs must carry the same names and shapes (a missing one
+    would silently drop, e.g., a mixture of experts' routed-token denominators)."""
+    if set(a) != set(b) or any(tuple(a[k].shape) != tuple(b[k].shape) for k in a):
+        raise StatsError(f"{what}: the inputs carry different extra counts ({sorted(a)} vs {sorted(b)}); "
+                         "stats of different kinds of model cannot be combined")
+    return {k: a[k] + b[k] for k in a}
 
 
 def _bucket_tensors_for_disk(part: LanguageStats) -> dict[str, torch.Tensor]:
@@ -285,6 +309,7 @@ class ActivationStats:
     bucket_positive: torch.Tensor | None = None  # int32/int64 [K, B, L, N] (see the module docstring)
     bucket_tokens: torch.Tensor | None = None  # int64 [K, B]
     bucket_docs: torch.Tensor | None = None  # int64 [K, B]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # [K, ...] extra counts (module docstring)
 
     @property
     def has_buckets(self) -> bool:
@@ -318,6 +343,7 @@ class ActivationStats:
         k = self.languages.index(lang)
         out = LanguageStats(lang, self.positive[k], int(self.tokens[k]),
                             None if self.sums is None else self.sums[k], dict(self.meta))
+        out.extra = {name: t[k] for name, t in self.extra.items()}
         if self.has_buckets:
             out.bucket_positive = self.bucket_positive[k]  # type: ignore[index]
             out.bucket_tokens = self.bucket_tokens[k]  # type: ignore[index]
@@ -331,6 +357,7 @@ class ActivationStats:
         idx = torch.tensor([self.languages.index(x) for x in langs])
         out = ActivationStats(list(langs), self.positive[idx], self.tokens[idx],
                               None if self.sums is None else self.sums[idx], dict(self.meta))
+        out.extra = {name: t[idx] for name, t in self.extra.items()}
         if self.has_buckets:
             out.bucket_positive = self.bucket_positive[idx]  # type: ignore[index]
             out.bucket_tokens = self.bucket_tokens[idx]  # type: ignore[index]
@@ -344,6 +371,9 @@ class ActivationStats:
         h.update(json.dumps(self.languages).encode())
         h.update(self.tokens.numpy().tobytes())
         h.update(self.positive.numpy().tobytes())
+        for name in sorted(self.extra):  # (nothing added without extras: dense fingerprints are unchanged)
+            h.update(name.encode())
+            h.update(self.extra[name].contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def validate(self, *, min_languages: int = 2, buckets: bool = True) -> None:
@@ -407,6 +437,11 @@ class ActivationStats:
             sums=torch.stack([p.sums for p in parts]) if has_sums else None,  # type: ignore[misc]
             meta=meta,
         )
+        names = {tuple(sorted(p.extra)) for p in parts}
+        if len(names) > 1 or any(len({tuple(p.extra[n].shape) for p in parts}) > 1 for n in parts[0].extra):
+            raise StatsError(f"the languages carry different extra counts ({sorted(names)}); they come from "
+                             "different kinds of model or recording")
+        out.extra = {n: torch.stack([p.extra[n] for p in parts]) for n in parts[0].extra}
         # Per-bucket counts only when every language has them with the same number of buckets
         # (`langneurons.confidence.require_buckets` names the languages that lack them).
         if all(p.has_buckets for p in parts) and len({p.num_buckets for p in parts}) == 1:

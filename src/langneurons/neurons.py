@@ -392,9 +392,16 @@ def complete_general(nmap: NeuronMap, stats: Any, bar: float = 0.95) -> NeuronMa
     if (stats.num_layers, stats.num_neurons) != (nmap.num_layers, nmap.num_neurons):
         raise NeuronMapError(f"the stats are {stats.num_layers} x {stats.num_neurons} but the map is "
                              f"{nmap.num_layers} x {nmap.num_neurons}; they are of different models")
-    probs = activation_probs(stats)
-    tau = activation_threshold(probs, bar)
-    all_active = (probs > tau).all(0)
+    from .moe import is_moe_stats, neuron_probs
+
+    if is_moe_stats(stats):  # p over the tokens routed to the neuron's expert; τ from observed values
+        probs, observed = neuron_probs(stats)
+        tau = activation_threshold(probs[observed], bar)
+        all_active = ((probs > tau) & observed).all(0)
+    else:
+        probs = activation_probs(stats)
+        tau = activation_threshold(probs, bar)
+        all_active = (probs > tau).all(0)
     classes = nmap.classes.clone()
     classes[(classes == GENERAL) & ~all_active] = RELATED  # listed for every language, not active in all
     classes[all_active & ~((classes == SPECIFIC) | (classes == RELATED))] = GENERAL

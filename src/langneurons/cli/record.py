@@ -39,6 +39,10 @@ def record(
     doc_sep: str = typer.Option("line", help="line | blank: document separator in <lang>.txt files."),
     seed: int = typer.Option(0),
     buckets: int = typer.Option(16, help="Per-bucket counts for `langneurons stability` (document j -> bucket j mod B); 0: none."),
+    separator: str = typer.Option("\n", help="Between prompt and response of pairs read without a chat template "
+                                  "(the authors' code uses none: --separator '')."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Render pairs' prompts with the tokenizer's "
+                                        "chat template (default: when it has one)."),
     force: bool = typer.Option(False, help="Record again even where stats exist."),
 ) -> None:
     """Count, per language, how often each MLP neuron is positive.
@@ -57,7 +61,7 @@ def record(
     cfg = RecordConfig(scope=scope, batch_size=batch_size, max_length=max_length,  # type: ignore[arg-type]
                        max_tokens_per_lang=max_tokens_per_lang, include_special=include_special, seed=seed,
                        act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard),
-                       buckets=buckets).validate()
+                       buckets=buckets, separator=separator, chat=chat).validate()
     memory = parse_max_memory(max_memory)
     if out.exists() and not out.is_dir():
         raise LangNeuronsError(f"--out {out} is a file, not a run directory; give a directory")

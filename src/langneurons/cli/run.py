@@ -49,6 +49,25 @@ def run(
     skip_ablation: bool = typer.Option(False, help="Stop after anatomy (no intervention matrix)."),
     force: bool = typer.Option(False, help="Redo every stage."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    separator: str = typer.Option("\n", help="Between prompt and response of pairs read without a chat template "
+                                  "(the authors' code uses none: --separator '')."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template for pairs and task prompts "
+                                        "(default: when the tokenizer has one)."),
+    ppl_style: str = typer.Option("token", help="token: token-weighted NLL; paper: mean over documents of each "
+                                  "document's mean NLL, then exp (the published aggregation)."),
+    task: Optional[Path] = typer.Option(None, help="Questions (MGSM/MSVAMP/JSONL): the model answers them and its "
+                                        "answers' response tokens are recorded (instead of --corpus)."),
+    max_questions: Optional[int] = typer.Option(None, help="--task: the first N questions per language."),
+    max_new_tokens: int = typer.Option(256, help="--task: tokens per answer at most (generation and accuracy)."),
+    sample: bool = typer.Option(False, help="--task: sample the answers instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="--task --sample: temperature."),
+    top_p: float = typer.Option(1.0, help="--task --sample: nucleus (1: off)."),
+    top_k: int = typer.Option(0, help="--task --sample: top-k (0: off)."),
+    gen_seed: int = typer.Option(0, help="--task --sample: sampling seed."),
+    template: Optional[str] = typer.Option(None, help="--task: user message with {question} (default: the question "
+                                           "for chat models, 'Question: {question}\nAnswer:' otherwise)."),
+    counting: str = typer.Option("pass", help="--task: pass (one pass over the generated ids) | during (counted "
+                                 "while generating)."),
 ) -> None:
     """Record -> identify (auto λ) -> anatomy -> ablation matrix -> report.html."""
     from ..config import parse_class_sets
@@ -63,6 +82,9 @@ def run(
                     dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                     mlp_act_path=mlp_act_path, pivot=pivot, bootstrap=bootstrap, stability=stability,
                     lens_docs=lens_docs, lens_max_length=lens_max_length,
-                    skip_ablation=skip_ablation, force=force, progress=progress).validate()
+                    skip_ablation=skip_ablation, force=force, progress=progress, separator=separator, chat=chat,
+                    ppl_style=ppl_style, task=task, max_questions=max_questions, max_new_tokens=max_new_tokens,
+                    sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, gen_seed=gen_seed,
+                    template=template, counting=counting).validate()
     report = run_pipeline(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")

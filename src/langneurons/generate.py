@@ -376,8 +376,7 @@ class GenerateStage:
         for other in self.questions:
             if other == lang:
                 continue
-            if other in old_langs and old_langs[other] == self.lang_key(other) and \
-                    all(p.exists() for p in self.outputs(other)):
+            if other in old_langs and self.done(other):  # current, and its files still have their checksums
                 keys[other] = old_langs[other]
                 outputs.extend(self.outputs(other))
                 infos[other] = old_info.get(other, {})

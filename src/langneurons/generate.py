@@ -239,12 +239,16 @@ class GenerateStage:
         return d
 
     def lang_key(self, lang: str) -> str:
-        buckets = getattr(self.record_config, "buckets", None) if self.config.counting == "during" else None
-        keep_sums = getattr(self.record_config, "keep_sums", None) if self.config.counting == "during" else None
+        during = self.config.counting == "during"
+        buckets = getattr(self.record_config, "buckets", None) if during else None
+        keep_sums = getattr(self.record_config, "keep_sums", None) if during else None
+        # counts made while decoding depend on the batch's composition (left padding, float
+        # rounding: docs/generate.md), the answers do not: the batch size is an input only then
+        batch = self.config.decoding.batch_size if during else None
         return input_key({"model_fingerprint": getattr(self.loaded, "fingerprint", None),
                           "dtype": getattr(self.loaded, "dtype", None), "decoding": self.decoding(),
                           "template": self.template_info(), "counting": self.config.counting,
-                          "counts": [buckets, keep_sums],
+                          "counts": [buckets, keep_sums, batch],
                           "questions": [[q.id, q.question, q.reference] for q in self.questions[lang]]})
 
     def outputs(self, lang: str) -> list[Path]:

@@ -309,20 +309,38 @@ def test_run_task_end_to_end_and_resume(tmp_path, capsys):
     model = save_tiny(tmp_path / "model", "llama")
     questions = Path(__file__).parents[1] / "src" / "langneurons" / "data" / "questions" / "questions.jsonl"
     args = ["run", "--task", str(questions), "--model", str(model), "--out", str(tmp_path / "run"), "--langs",
-            "en,de,zh", "--max-questions", "5", "--max-new-tokens", "6", "--control", "none", "--bootstrap", "0",
-            "--top-rate", "0.1", "--lens-docs", "0", "--sets", "specific", "--no-progress", "--ppl-style", "paper"]
+            "en,de,zh", "--max-questions", "10", "--max-new-tokens", "6", "--control", "none", "--bootstrap", "0",
+            "--top-rate", "0.1", "--lens-docs", "0", "--sets", "specific,related,general", "--no-progress",
+            "--ppl-style", "paper"]
     main(args)
     out = tmp_path / "run"
     for lang in ("en", "de", "zh"):
         answers = read_responses(out, lang)
-        assert len(answers) == 4 and all(r.prompt.startswith("Question: ") for r in answers)  # 1 of 5 held out
+        assert len(answers) == 8 and all(r.prompt.startswith("Question: ") for r in answers)  # 2 of 10 held out
     df = pd.read_parquet(out / "ablation.parquet")
     assert set(df["metric"]) >= {"accuracy", "language_accuracy", "nll", "ppl"}
     assert set(df.loc[df["metric"] == "nll", "ppl_style"]) == {"paper"}
     assert set(df.loc[df["metric"] == "accuracy", "ppl_style"]) == {"none"}
     held = [json.loads(x) for x in (out / "eval_questions.jsonl").read_text().splitlines()]
-    assert {(h["lang"], h["id"]) for h in held} == {(lang, "q01") for lang in ("en", "de", "zh")}
+    assert {(h["lang"], h["id"]) for h in held} == {(lang, q) for lang in ("en", "de", "zh") for q in ("q01", "q06")}
     assert "Perplexity style: paper" in (out / "report.html").read_text(encoding="utf-8")
+    from langneurons.report.ablation import run_intervals
+    from langneurons.runs import RunDir
+
+    cells = run_intervals(RunDir(out), resamples=50).cells  # the report's cells: in the rows' style
+    docs = pd.read_parquet(out / "ablation_docs.parquet")
+    nll = df[(df["metric"] == "nll") & (df["neuron_set"] == "specific,related,general")]
+    styles_differ = 0
+    for r in cells.itertuples():
+        row = nll[(nll["deactivated_lang"] == r.deactivated_lang) & (nll["eval_lang"] == r.eval_lang)]
+        assert r.delta == pytest.approx(float(row["delta"].iloc[0]), abs=1e-9)
+        assert r.n_tokens == int(row["n_tokens"].iloc[0])
+        j = docs[docs["eval_lang"] == r.eval_lang]
+        base, abl = j[j["neuron_set"] == "none"], j[(j["neuron_set"] == r.neuron_set)
+                                                   & (j["deactivated_lang"] == r.deactivated_lang)]
+        token_delta = (abl["nll"].sum() - base["nll"].sum()) / base["tokens"].sum()
+        styles_differ += abs(token_delta - r.delta) > 1e-6
+    assert styles_differ  # (so the check above tells the styles apart)
     capsys.readouterr()
     main(args)
     text = capsys.readouterr().out

@@ -19,6 +19,9 @@ from .errors import LangNeuronsError
 DEFAULT_SETS: tuple[str, ...] = ("specific", "specific,related", "specific,related,general")
 #: perplexity-style metrics of the ablation matrix (accuracy is generated, not scored)
 PPL_METRICS: tuple[str, ...] = ("nll", "ppl", "bpb")
+#: perplexity styles: token-weighted NLL (default), or the paper's mean over documents of each
+#: document's mean NLL (evaluate.py's docstring, docs/interventions.md)
+PPL_STYLES: tuple[str, ...] = ("token", "paper")
 #: random controls: activity-matched within each layer (default), per-layer counts only, none
 CONTROLS: tuple[str, ...] = ("matched", "layer", "none")
 
@@ -231,6 +234,8 @@ class AblationConfig:
     progress: bool = True
     force: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
+    ppl_style: str = "token"  # token-weighted NLL | paper: mean over documents of document means (evaluate.py)
+    prompt_template: str = "{question}"  # the user message of an accuracy problem
 
     def validate(self) -> "AblationConfig":
         self.sets = parse_class_sets(self.sets)
@@ -252,6 +257,10 @@ class AblationConfig:
         require(self.max_examples is None or self.max_examples >= 1, f"--max-examples must be >= 1, got {self.max_examples}")
         require(self.max_length is None or self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.ppl_style in PPL_STYLES, f"--ppl-style must be one of {', '.join(PPL_STYLES)}, "
+                f"got {self.ppl_style!r}")
+        require(isinstance(self.prompt_template, str) and "{question}" in self.prompt_template,
+                f"the accuracy prompt template must contain {{question}}, got {self.prompt_template!r}")
         if "accuracy" in self.metrics:
             require(self.math_corpus is not None or (self.eval_corpus is not None and not self.ppl_metrics),
                     "--metric accuracy needs task problems: give --math-corpus PATH (or --eval-corpus PATH when "

@@ -10,6 +10,13 @@ Perplexity
     never targets, an EOS written in the text is. The first token has no predecessor and is never
     a target. Batches are right padded (every real token sees what it would see unbatched), so
     results do not depend on the batch size (tested: batch 1 vs 4 within 1e-5).
+Perplexity styles (``ppl_style``)
+    ``token`` (default): the token-weighted mean above, ``nll = Σ_docs NLL / Σ_docs tokens``.
+    ``paper``: what the published code reports (arXiv:2505.21505): each document's mean NLL
+    over its scored tokens, averaged over documents, then ``ppl = exp(mean)``; ``bpb`` is then the
+    mean over documents of each document's bits per byte. Both use true-token log-probabilities
+    only. Short documents weigh as much as long ones in the paper style, so the two differ
+    whenever documents differ in length and difficulty (docs/interventions.md).
 Bits per byte
     ``bpb = total NLL / ln 2 / total UTF-8 bytes`` of the scored text: the characters from the
     start of the first scored token to the end of the last one (the whole text after BOS, or the
@@ -64,6 +71,8 @@ from .tasks import ANSWER_FIELDS, answer_number, extract_final_number, read_task
 
 EvalScope = Literal["all", "response"]
 METRICS = ("nll", "ppl", "bpb")
+#: aggregations of per-document NLL: token-weighted (default) or the paper's mean of document means
+PPL_STYLES = ("token", "paper")
 LN2 = math.log(2.0)
 
 
@@ -92,10 +101,20 @@ class EvalResult:
     def n_docs(self) -> int:
         return sum(1 for t in self.doc_tokens if t > 0)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, style: str = "token") -> float:
+        """``name`` (nll, ppl, bpb) in ``style``: token-weighted, or the paper's mean over
+        documents of each document's mean (module docstring)."""
         if name not in METRICS:
             raise LangNeuronsError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
-        return float(getattr(self, name))
+        if style == "token":
+            return float(getattr(self, name))
+        if style != "paper":
+            raise LangNeuronsError(f"--ppl-style must be one of {', '.join(PPL_STYLES)}, got {style!r}")
+        docs = [(nll, tok, nb) for nll, tok, nb in zip(self.doc_nll, self.doc_tokens, self.doc_bytes) if tok > 0]
+        if name == "bpb":
+            return sum(nll / LN2 / max(nb, 1) for nll, _, nb in docs) / len(docs)
+        mean = sum(nll / tok for nll, tok, _ in docs) / len(docs)
+        return mean if name == "nll" else math.exp(mean)
 
     @classmethod
     def from_docs(cls, doc_nll: Sequence[float], doc_tokens: Sequence[int], doc_bytes: Sequence[int],
@@ -325,8 +344,10 @@ def plan_passes(nmap: Any, *, langs: Sequence[str] | None = None, neuron_sets: S
     return 1 + len(_distinct_masks(jobs))
 
 
-def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the metric's delta, resampling documents (paired)."""
+def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int = 0,
+               style: str = "token") -> tuple[float, float]:
+    """95% percentile interval of the metric's delta, resampling documents (paired), in the
+    perplexity style of the rows."""
     import numpy as np
 
     tok = np.asarray(base.doc_tokens, dtype=np.float64)
@@ -337,6 +358,15 @@ def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int
     nbytes = np.asarray(base.doc_bytes, dtype=np.float64)[keep]
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, tok.size, size=(n, tok.size))
+    if style == "paper":  # means over the resampled documents of per-document means
+        if metric == "bpb":
+            db, da = b_nll / LN2 / np.maximum(nbytes, 1), a_nll / LN2 / np.maximum(nbytes, 1)
+            d = da[idx].mean(1) - db[idx].mean(1)
+        else:
+            mb, ma = (b_nll / tok)[idx].mean(1), (a_nll / tok)[idx].mean(1)
+            d = ma - mb if metric == "nll" else np.exp(ma) - np.exp(mb)
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        return float(lo), float(hi)
     t, B, A = tok[idx].sum(1), b_nll[idx].sum(1), a_nll[idx].sum(1)
     if metric == "nll":
         d = (A - B) / t
@@ -356,7 +386,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                     act_path: str | None = None, bootstrap: int = 0, separator: str = "\n",
                     stats: dict[str, Any] | None = None, activity: torch.Tensor | None = None,
                     control_bins: int = 20, documents: list[dict] | None = None,
-                    echo: Any = None) -> "Any":
+                    echo: Any = None, ppl_style: str = "token") -> "Any":
     """The K x K intervention matrix in the ``ablation.parquet`` schema.
 
     Rows of the result: one per (deactivated language k, eval language j, neuron set, metric
@@ -380,11 +410,16 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     (summed nats), tokens, bytes -- what `confidence.ablation_intervals` resamples (written by the
     pipeline as ``ablation_docs.parquet``).
 
+    ``ppl_style``: "token" (token-weighted NLL, the default) or "paper" (mean over documents of
+    each document's mean NLL, then exp; the published aggregation): see the module docstring.
+
     ``echo`` (e.g. ``print``): after the baseline pass, one line with the time the remaining
     passes will take at the speed just measured (`ablation_cost`), so a long matrix is said
     before it runs.
     """
     metrics = [m for m in metrics if m != "accuracy"]
+    if ppl_style not in PPL_STYLES:
+        raise LangNeuronsError(f"--ppl-style must be one of {', '.join(PPL_STYLES)}, got {ppl_style!r}")
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise LangNeuronsError(f"unknown metric(s) {bad}; use nll, ppl, bpb (accuracy: accuracy_matrix)")
@@ -470,10 +505,10 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         for j in eval_corpus:
             base, abl = results[(None, j)], results[(key, j)]
             for m in metrics:
-                b, a = base.metric(m), abl.metric(m)
+                b, a = base.metric(m, ppl_style), abl.metric(m, ppl_style)
                 lo = hi = float("nan")
                 if bootstrap and n_neurons:
-                    lo, hi = _bootstrap(base, abl, m, bootstrap)
+                    lo, hi = _bootstrap(base, abl, m, bootstrap, style=ppl_style)
                 rows.append({"deactivated_lang": job.lang, "eval_lang": j, "neuron_set": job.neuron_set, "metric": m,
                              "base": b, "ablated": a, "delta": a - b, "n_tokens": base.n_tokens,
                              "seed": job.seed, "n_neurons": n_neurons, "ci_low": lo, "ci_high": hi,
@@ -497,7 +532,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     if stats is not None:
         stats.update(passes=1 + len(unique), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3),
-                     scope={j: s for j, s in scopes.items()}, control=control or "none")
+                     scope={j: s for j, s in scopes.items()}, control=control or "none", ppl_style=ppl_style)
         if control == "matched":
             stats["control_match"] = match_info
             stats["control_bins"] = control_bins

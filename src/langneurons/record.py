@@ -11,6 +11,14 @@ Design choices (see docs/pitfalls.md for why each one matters):
   not counted). This equals the published "full minus prefix" two-pass method wherever the
   prompt's tokens are a prefix of the full tokenisation, at half the compute and without its
   negative counts.
+* **Chat models' pairs** (``chat``, default: when the tokenizer has a chat template): the prompt
+  of a prompt/response pair is rendered with the chat template (as the model reads it when it
+  answers), the response follows it directly; plain models read ``prompt + separator +
+  response`` (``separator`` default "\n"; the published code uses none: ``--separator ''``).
+* **Generated answers** (`TokenExample`, from `langneurons generate`) are counted from their
+  token ids: the model reads exactly ``prompt_ids + token_ids`` and exactly the generated
+  tokens are counted (no re-tokenisation). `GenerationCounter` counts the same tokens while
+  `lm.generate` decodes them (docs/generate.md has the measured agreement).
 * **Special tokens** (BOS/EOS added by the tokenizer) are not counted by default
   (``include_special=False``): BOS is the same in every language and would inflate the
   "general" class. The choice is written to the artifact's metadata.
@@ -52,7 +60,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,7 +69,7 @@ from . import __version__, distributed
 from .arch import ActivationSites, body_of, locate_activations
 from .corpus import Corpus, Example
 from .errors import CorpusError, LangNeuronsError, StatsError
-from .lm import Encoded, encode_example  # noqa: F401  (re-exported: record.encode_example)
+from .lm import Encoded, encode_example, render_prompt, use_chat  # noqa: F401  (re-exported: record.encode_example)
 from .runs import RunDir
 from .stats import ActivationStats, LanguageStats, read_manifest_checked
 
@@ -78,7 +86,8 @@ class RecordConfig:
     max_length: int | None = None  # truncate longer sequences (warned); default: model context
     max_tokens_per_lang: int | None = None  # stop adding examples once this many counted tokens
     include_special: bool = False  # count BOS/EOS added by the tokenizer
-    separator: str = "\n"  # between prompt and response in the response scope
+    separator: str = "\n"  # between prompt and response of a plain (non-chat) rendering of a pair
+    chat: bool | None = None  # render pairs' prompts with the chat template (None: when the tokenizer has one)
     keep_sums: bool = True
     seed: int = 0
     act_path: str | None = None  # --mlp-act-path override
@@ -113,7 +122,75 @@ class RecordConfig:
         # add a finer split of them), so stats recorded with other values are re-used.
         for k in ("batch_size", "flush_every", "keep_sums", "buckets"):
             d.pop(k)
+        # ``chat`` matters for prompt/response pairs only; `record` adds its resolved value there
+        # (text corpora keep the keys they had before the option existed)
+        d.pop("chat")
         return d
+
+
+@dataclass(frozen=True)
+class TokenExample(Example):
+    """A prompt/response pair given as the token ids the model read and wrote (a generated
+    answer): counted from the ids, never re-tokenised. ``prompt`` and ``response`` keep the
+    texts for messages and reports."""
+
+    prompt_ids: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+
+
+class ResponseCorpus(Corpus):
+    """A corpus of `TokenExample` per language; its fingerprint is that of the token ids (the
+    texts alone would not say which tokens were counted)."""
+
+    def fingerprint(self, lang: str) -> str:
+        from .stage import input_key
+
+        return input_key([[list(e.prompt_ids), list(getattr(e, "token_ids", ()))]  # type: ignore[attr-defined]
+                          for e in self.by_lang[lang]])[:16]
+
+
+def encode_tokens(ex: TokenExample, scope: str, special_ids: set[int], max_length: int) -> tuple[Encoded, bool]:
+    """``prompt_ids + token_ids``; counted: exactly the generated tokens (``response`` scope),
+    or every token that is not a special token (``all``)."""
+    ids = [int(t) for t in ex.prompt_ids] + [int(t) for t in ex.token_ids]
+    if scope == "response":
+        counted = [False] * len(ex.prompt_ids) + [True] * len(ex.token_ids)
+    else:
+        counted = [t not in special_ids for t in ids]
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, counted = ids[:max_length], counted[:max_length]
+    return Encoded(ids, counted), truncated
+
+
+def encode_chat_pair(tokenizer: Any, ex: Example, scope: str, include_special: bool,
+                     max_length: int) -> tuple[Encoded, bool]:
+    """A prompt/response pair as a chat model reads it: the prompt rendered with the chat
+    template (generation prompt included, e.g. ``<|im_start|>assistant\n``), the response right
+    after it, tokenised in ONE pass without added special tokens (the rendered template holds
+    its own BOS). Token roles by character offsets as in `lm.encode_example`: in the response
+    scope a token is counted iff it starts at or after the response's first character; tokens
+    of the tokenizer's special vocabulary (BOS, ``<|im_start|>`` ...) are never counted unless
+    ``include_special`` (all scope)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise LangNeuronsError("rendering pairs with the chat template needs a fast tokenizer (character offsets); "
+                               "load the model with a tokenizer.json, or pass --no-chat")
+    rendered, _ = render_prompt(tokenizer, ex.prompt or "", True)
+    text = rendered + (ex.response or "")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids: list[int] = list(enc["input_ids"])
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special = [t in special_ids for t in ids]
+    if scope == "response":
+        boundary = len(rendered)
+        counted = [not s and start >= boundary and end > start
+                   for s, (start, end) in zip(special, enc["offset_mapping"])]
+    else:
+        counted = [include_special or not s for s in special]
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, counted = ids[:max_length], counted[:max_length]
+    return Encoded(ids, counted), truncated
 
 
 #: activations handled at once by the counting hook (rows x neurons); the hook's transient memory
@@ -280,6 +357,19 @@ class Recorder:
         # Longer sequences are truncated (warned), not windowed: a window would restart the
         # context mid-document and count tokens in a state the model never sees in use.
         self.max_length = int(self.config.max_length or ctx or 4096)
+        # pairs' prompts are rendered with the chat template when the tokenizer has one (None) or
+        # when asked (True: an error without a template); text corpora are not affected
+        self.chat = use_chat(tokenizer, self.config.chat)
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def encode_one(self, ex: Example) -> tuple[Encoded, bool]:
+        """Token ids and counted-token flags of one example, and whether it was truncated."""
+        cfg = self.config
+        if isinstance(ex, TokenExample):
+            return encode_tokens(ex, cfg.scope, self._special_ids, self.max_length)
+        if ex.is_pair and self.chat:
+            return encode_chat_pair(self.tokenizer, ex, cfg.scope, cfg.include_special, self.max_length)
+        return encode_example(self.tokenizer, ex, cfg, self.max_length)
 
     # -- preparation -----------------------------------------------------------------------
     def encode(self, examples: Sequence[Example], lang: str = "") -> list[Encoded]:
@@ -294,7 +384,7 @@ class Recorder:
         budget = cfg.max_tokens_per_lang
         total = 0
         for ex in examples:
-            enc, was_truncated = encode_example(self.tokenizer, ex, cfg, self.max_length)
+            enc, was_truncated = self.encode_one(ex)
             truncated += was_truncated
             n = sum(enc.counted)
             if n == 0:
@@ -538,6 +628,100 @@ class Recorder:
         return out
 
 
+class GenerationCounter:
+    """Counts the activations of generated tokens while `lm.generate` decodes them.
+
+    With a KV cache the model computes the activations of generated token t when it is fed
+    back, in the forward pass that chooses token t + 1; so hooking that pass counts exactly the
+    response tokens at no extra model work, except for the last token of an answer cut by the
+    length limit (never fed back): the caller generates one token more than it keeps
+    (`GenerateStage` does), so that one more decoding step covers it. Prompt tokens (the
+    prefill), pads, the stop token and rows that finished earlier are never counted.
+
+    Use: ``with counter.hooks(): lm.generate(..., on_batch=counter.on_batch,
+    on_step=counter.on_step)``, then ``counter.stats(lang)``. Self-checks after every decoding
+    pass: every layer's hook fired exactly once and counted exactly the rows fed; at the end
+    `row_tokens` (tokens counted per output index) is compared with the answers by the caller.
+
+    The counts are those of a KV-cached, left-padded, one-token-at-a-time computation; a
+    separate right-padded pass over ``prompt_ids + token_ids`` computes the same activations
+    up to floating-point rounding, so a sign can differ where an activation is within rounding
+    of zero (measured in docs/generate.md; compared token by token in tests/test_generate.py).
+    """
+
+    def __init__(self, model: nn.Module, config: RecordConfig | None = None, sites: ActivationSites | None = None):
+        self.config = config or RecordConfig(scope="response")
+        self.sites = sites or locate_activations(model, self.config.act_path)
+        self.device = model.get_input_embeddings().weight.device
+        self.num_buckets = int(self.config.buckets)
+        self.counter = _Counter(self.sites, self.config.keep_sums, self.num_buckets)
+        self.row_tokens: dict[int, int] = {}  # output index -> counted tokens
+        self.rows: list[int] = []  # output indices of the batch being decoded
+        self._pending: list[int] | None = None  # batch rows the next forward pass feeds
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator["GenerationCounter"]:
+        handles = self.sites.add_hooks(self.counter)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._close()
+
+    def on_batch(self, rows: list[int]) -> None:
+        """Before a batch's prefill: its prompt tokens are not counted."""
+        self._close()
+        self.rows = list(rows)
+        for out in self.rows:
+            self.row_tokens.setdefault(out, 0)
+        self._open([])
+
+    def on_step(self, step: int, new_ids: torch.Tensor, finished: torch.Tensor) -> None:
+        """After a token is chosen for every row: the next pass feeds the rows not finished."""
+        self._close()
+        self._open((~finished).nonzero().squeeze(1).tolist())
+
+    def _open(self, live: list[int]) -> None:
+        flat = torch.tensor(live, dtype=torch.int64)
+        row_bucket = None
+        if self.num_buckets:
+            row_bucket = torch.tensor([self.rows[r] % self.num_buckets for r in live], dtype=torch.int64)
+        self.counter.set_batch(flat.to(self.device), row_bucket)
+        self._pending = live
+
+    def _close(self) -> None:
+        """Account for the pass that was set up, if it ran (after the last step of a batch the
+        decoder stops without another pass: then no hook fired and nothing was counted)."""
+        live, self._pending = self._pending, None
+        if live is None or not any(self.counter.fired):
+            return
+        bad = [layer for layer, f in enumerate(self.counter.fired) if f != 1]
+        wrong = [layer for layer, c in enumerate(self.counter.counted_rows) if c != len(live)]
+        if bad or wrong:
+            raise LangNeuronsError(f"counting during generation: the activation hooks of layers {(bad or wrong)[:5]} "
+                                   "did not fire once per decoding step with one row per token (a fused kernel or "
+                                   "compiled graph?); use the separate counting pass (--counting pass)")
+        for r in live:
+            self.row_tokens[self.rows[r]] += 1
+
+    def stats(self, lang: str = "") -> LanguageStats:
+        """The counts so far as one language's stats (buckets by output index mod B)."""
+        self._close()
+        N = self.sites.num_neurons
+        pos, sums = self.counter.collect(N)
+        out = LanguageStats(lang, pos, int(sum(self.row_tokens.values())), sums, {})
+        if self.num_buckets:
+            btok = torch.zeros(self.num_buckets, dtype=torch.int64)
+            bdocs = torch.zeros(self.num_buckets, dtype=torch.int64)
+            for doc, n in self.row_tokens.items():
+                if n:  # like `Recorder.encode`: a document without a counted token is not a document
+                    btok[doc % self.num_buckets] += n
+                    bdocs[doc % self.num_buckets] += 1
+            out.bucket_positive, out.bucket_tokens, out.bucket_docs = self.counter.collect_buckets(N), btok, bdocs
+        return out
+
+
 def _progress(total: int, lang: str, enabled: bool) -> Any:
     import sys
 
@@ -598,7 +782,8 @@ def partial_identity(model_fingerprint: str, dtype: str, hook_point: str) -> str
 
 def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, config: RecordConfig | None = None,
            *, model_id: str = "", model_fingerprint: str | None = None, force: bool = False,
-           progress: bool = True, redo_stale: bool = False, by: str = "record") -> ActivationStats:
+           progress: bool = True, redo_stale: bool = False, by: str = "record",
+           counted: Mapping[str, LanguageStats] | None = None) -> ActivationStats:
     """Record every language of ``corpus`` into the run directory ``out`` (resumable).
 
     A language already recorded with the same settings is skipped; one recorded with other
@@ -608,6 +793,11 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     Data parallel when launched by torchrun/accelerate (see `distributed`): every rank calls
     this with the same arguments; rank 0 decides which languages are finished and is the
     only writer; every rank returns the same (all-reduced) stats.
+
+    counted: counts made elsewhere of exactly these examples' counted tokens (the counts
+    `GenerationCounter` made while the answers were generated): a language that is not already
+    recorded takes them instead of a counting pass; everything else (checks, metadata, resume,
+    the stage record) is as for counted languages. Single process only.
     """
     from .arch import is_moe
 
@@ -621,11 +811,18 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     recorder = Recorder(model, tokenizer, config)
     run = RunDir(out)
     rank, world = distributed.init_from_env(str(recorder.device))
+    if counted is not None and world > 1:
+        raise LangNeuronsError("counts made during generation are taken by a single process; run without torchrun")
+    fields = config.fingerprint_fields()
+    if any(e.is_pair and not isinstance(e, TokenExample) for exs in corpus.by_lang.values() for e in exs):
+        fields["chat"] = recorder.chat  # pairs are read through the chat template (or not): part of the key
+    if counted is not None:
+        fields["counting"] = "generation"  # counted while decoding, not in a separate pass
     base_meta = {
         **model_meta(model, recorder.sites, model_id or getattr(model.config, "_name_or_path", ""), model_fingerprint),
         "scope": config.scope,
         "include_special": config.include_special,
-        "record_config": config.fingerprint_fields(),
+        "record_config": fields,
         "shard": None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
         "versions": versions(),
         "seed": config.seed,
@@ -684,7 +881,10 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 _remove_partials(run.stats_dir, lang)
             distributed.barrier()
         t_lang = time.perf_counter()
-        stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
+        if counted is not None:
+            stats = _taken_counts(counted, lang, recorder, len(corpus.by_lang[lang]))
+        else:
+            stats = recorder.count(corpus.by_lang[lang], lang=lang, partial=partial, progress=progress and rank == 0)
         speed[0] += stats.tokens
         speed[1] += time.perf_counter() - t_lang
         stats.meta = dict(meta, buckets=stats.num_buckets)  # 0 when a resumed partial lost them
@@ -708,11 +908,55 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                 "versions": base_meta["versions"],
             })
             _commit_record_stage(run, parts, config, corpus, base_meta, world, by, time.perf_counter() - t_start,
-                                 speed[0] / speed[1] if speed[1] > 0 and speed[0] else None)
+                                 speed[0] / speed[1] if speed[1] > 0 and speed[0] and counted is None else None)
     distributed.barrier()
     if rank == 0:  # every rank is done writing: clear what killed runs left behind
         _remove_leftovers(run.stats_dir)
     return result
+
+
+def _taken_counts(counted: Mapping[str, LanguageStats], lang: str, recorder: Recorder, n_examples: int
+                 ) -> LanguageStats:
+    """One language's counts made elsewhere, checked against this model's shape."""
+    stats = counted.get(lang)
+    if stats is None:
+        raise StatsError(f"{lang}: no counts were made during generation for this language; generate it again")
+    want = (recorder.sites.num_layers, recorder.sites.num_neurons)
+    if tuple(stats.positive.shape) != want:
+        raise StatsError(f"{lang}: the counts made during generation are {list(stats.positive.shape)}, but the model "
+                         f"has {list(want)} layers x neurons; generate again with this model")
+    if stats.tokens <= 0:
+        raise CorpusError(f"{lang}: none of its {n_examples} answer(s) has a token to count (every response is "
+                          "empty); give more --max-new-tokens or drop the language with --langs")
+    if recorder.config.keep_sums and stats.sums is None:
+        raise StatsError(f"{lang}: the counts made during generation have no activation sums")
+    return LanguageStats(lang, stats.positive.to(torch.int64), int(stats.tokens), stats.sums, {},
+                         stats.bucket_positive, stats.bucket_tokens, stats.bucket_docs)
+
+
+def record_in_processes(model_cfg: Any, corpus: Corpus, out: str | Path, config: RecordConfig, *,
+                        force: bool = False) -> tuple[ActivationStats, int, int]:
+    """`langneurons record`: load the model (``config.ModelConfig``) in every process of a
+    torchrun/accelerate launch (or the only one), record, and return (stats, rank, world size).
+    Each rank gets its own GPU; --device-map/--max-memory (one model over several GPUs) are
+    refused under data parallelism, where every process holds its own copy."""
+    started_group = distributed.env_world_size() > 1 and not distributed.rank_world()[1] > 1
+    rank, world = distributed.init_from_env(model_cfg.device)
+    try:
+        if world > 1:
+            if model_cfg.device_map is not None or model_cfg.max_memory is not None:
+                raise LangNeuronsError("--device-map/--max-memory spread ONE model over several GPUs, but under "
+                                       f"torchrun/accelerate each of the {world} processes holds its own copy; "
+                                       "use one process with --device-map auto, or drop them")
+            if model_cfg.device is None and torch.cuda.is_available():
+                model_cfg.device = f"cuda:{distributed.local_rank()}"
+        loaded = model_cfg.load()
+        stats = record(loaded.model, loaded.tokenizer, corpus, out, config, model_id=loaded.source,
+                       model_fingerprint=loaded.fingerprint, force=force, progress=rank == 0)
+    finally:
+        if started_group:
+            distributed.shutdown()
+    return stats, rank, world
 
 
 @contextlib.contextmanager
@@ -770,7 +1014,7 @@ def _commit_record_stage(run: RunDir, parts: Sequence[LanguageStats], config: Re
 
     inputs = {"languages": {p.lang: resume_key(p.meta) for p in parts}}
     section = {"scope": config.scope, "include_special": config.include_special, "corpus": corpus.source,
-               "config": config.fingerprint_fields(), "tokens": {p.lang: p.tokens for p in parts},
+               "config": base_meta["record_config"], "tokens": {p.lang: p.tokens for p in parts},
                "buckets": {p.lang: p.num_buckets for p in parts}, "shard": base_meta["shard"], "processes": world,
                "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second
                else run.stage_result("record").get("tokens_per_second")}

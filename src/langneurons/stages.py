@@ -203,7 +203,8 @@ ROW_KEY = ("metric", "neuron_set", "deactivated_lang", "eval_lang", "seed")
 #: columns that say what a row was computed from: a row is current only if they match the plan
 PROVENANCE = ("neurons_sha256",  # NeuronMap.fingerprint() of the map the rows were computed with
               "model_fingerprint", "eval_sha256", "scope", "control", "control_bins", "bootstrap",
-              "mode", "positions", "max_length")
+              "mode", "positions", "max_length",
+              "ppl_style")  # token-weighted NLL or the paper's mean of document means ("none": accuracy rows)
 
 
 def texts_fingerprint(by_lang: Mapping[str, Sequence[Example]]) -> str:
@@ -303,7 +304,8 @@ class AblationStage:
                 "control": cfg.control, "control_bins": cfg.control_bins if cfg.control == "matched" else 0,
                 "bootstrap": cfg.bootstrap if ppl else 0, "mode": "zero",
                 "positions": "all" if ppl else cfg.positions,
-                "max_length": cfg.max_length or 0 if ppl else cfg.max_new_tokens}
+                "max_length": cfg.max_length or 0 if ppl else cfg.max_new_tokens,
+                "ppl_style": cfg.ppl_style if ppl else "none"}
 
     def _metric_names(self, family: str) -> tuple[str, ...]:
         return self.config.ppl_metrics if family == "ppl" else ("accuracy", "number_accuracy", "language_accuracy")
@@ -424,12 +426,13 @@ class AblationStage:
             self._say_cost(loaded, sets, echo)
             df = ablation_matrix(loaded.model, loaded.tokenizer, self.nmap, self.texts, metrics=cfg.ppl_metrics,
                                  scope=cfg.scope, max_length=cfg.max_length, bootstrap=cfg.bootstrap,
-                                 documents=docs, echo=echo, **common)
+                                 documents=docs, echo=echo, ppl_style=cfg.ppl_style, **common)
             self._write_documents(docs, sets)
             return df, st
         generations: list[dict] = []
         df = accuracy_matrix(loaded.model, loaded.tokenizer, self.nmap, self.problems, max_new_tokens=cfg.max_new_tokens,
-                             generations=generations, chat=cfg.chat, positions=cfg.positions, **common)
+                             generations=generations, chat=cfg.chat, positions=cfg.positions,
+                             prompt_template=cfg.prompt_template, **common)
         write_generations(self.run.generations_path, generations)
         return df, st
 
@@ -488,7 +491,7 @@ class AblationStage:
                    "control": cfg.control, "control_seeds": list(cfg.control_seeds) if cfg.control != "none" else [],
                    "control_bins": cfg.control_bins if cfg.control == "matched" else None,
                    "languages": self.langs, "scope": cfg.scope, "batch_size": cfg.batch_size,
-                   "bootstrap": cfg.bootstrap, "mode": "zero",
+                   "bootstrap": cfg.bootstrap, "mode": "zero", "ppl_style": cfg.ppl_style,
                    "eval_corpus": None if cfg.eval_corpus is None else str(cfg.eval_corpus),
                    "math_corpus": None if cfg.math_corpus is None else str(cfg.math_corpus),
                    "passes": sum(int(s.get("passes", s.get("generation_cells", 0))) for s in info.values()),

@@ -24,6 +24,7 @@ from . import confidence as _confidence  # noqa: F401,E402
 from . import lens as _lens  # noqa: F401,E402
 from . import eval as _eval  # noqa: F401,E402
 from . import package as _package  # noqa: F401,E402
+from . import generate as _generate  # noqa: F401,E402
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

@@ -46,6 +46,8 @@ def ablate(
     positions: str = typer.Option("all", help="all | generated: where neurons are zeroed during generation "
                                   "(--metric accuracy); perplexity always patches all positions."),
     bootstrap: int = typer.Option(0, help="Resamples of documents for 95% intervals of each delta (0: none)."),
+    ppl_style: str = typer.Option("token", help="token: token-weighted NLL; paper: mean over documents of each "
+                                  "document's mean NLL, then exp (the published aggregation)."),
     progress: bool = typer.Option(True, help="Show a progress bar over the matrix."),
     force: bool = typer.Option(False, help="Recompute every row (and use a map made for another model)."),
     accept_edited: bool = typer.Option(False, help="Use a neuron map that differs from what `identify` recorded."),
@@ -61,6 +63,7 @@ def ablate(
         eval_corpus=eval_corpus, math_corpus=math_corpus, langs=split_list(langs, what="--langs"),
         batch_size=batch_size, scope=scope, positions=positions, bootstrap=bootstrap, max_length=max_length,
         max_examples=max_examples, max_new_tokens=max_new_tokens, chat=chat, progress=progress, force=force,
+        ppl_style=ppl_style,
         model=ModelConfig(model=model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                           act_path=mlp_act_path)).validate()
     df = AblationStage(run_dir, cfg, by="ablate", accept_edited=accept_edited).run_stage(echo=typer.echo)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import LangNeuronsError
-from ..config import parse_max_memory, parse_shard, split_list
+from ..config import parse_shard, split_list
 from .app import app
 
 
@@ -41,6 +41,10 @@ def record(
     doc_sep: str = typer.Option("line", help="line | blank: document separator in <lang>.txt files."),
     seed: int = typer.Option(0),
     buckets: int = typer.Option(16, help="Per-bucket counts for `langneurons stability` (document j -> bucket j mod B); 0: none."),
+    separator: str = typer.Option("\n", help="Between prompt and response of pairs read without a chat template "
+                                  "(the authors' code uses none: --separator '')."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Render pairs' prompts with the tokenizer's "
+                                        "chat template (default: when it has one)."),
     force: bool = typer.Option(False, help="Record again even where stats exist."),
 ) -> None:
     """Count, per language, how often each MLP neuron is positive.
@@ -48,19 +52,18 @@ def record(
     Under torchrun / accelerate launch every process counts its share of each language and
     rank 0 writes the sum (see docs/scaling.md).
     """
-    from .. import distributed
+    from ..config import ModelConfig
     from ..corpus import ColumnMap, load_corpus
-    from ..models import load_model
-    from ..record import RecordConfig
-    from ..record import record as do_record
+    from ..record import RecordConfig, record_in_processes
 
     if doc_sep not in ("line", "blank"):
         raise LangNeuronsError(f"--doc-sep must be 'line' or 'blank', got {doc_sep!r}")
     cfg = RecordConfig(scope=scope, batch_size=batch_size, max_length=max_length,  # type: ignore[arg-type]
                        max_tokens_per_lang=max_tokens_per_lang, include_special=include_special, seed=seed,
                        act_path=mlp_act_path, flush_every=flush_every, shard=parse_shard(shard),
-                       buckets=buckets).validate()
-    memory = parse_max_memory(max_memory)
+                       buckets=buckets, separator=separator, chat=chat).validate()
+    model_cfg = ModelConfig(model=model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                            revision=revision, trust_remote_code=trust_remote_code, offline=offline or None).validate()
     if out.exists() and not out.is_dir():
         raise LangNeuronsError(f"--out {out} is a file, not a run directory; give a directory")
     cols = ColumnMap(lang=lang_column, text=text_column, prompt=prompt_column, response=response_column)
@@ -68,25 +71,7 @@ def record(
                        doc_sep=doc_sep, columns=cols)  # type: ignore[arg-type]
     # Resuming and skipping languages are worth a line each (INFO is otherwise hidden).
     logging.getLogger("langneurons.record").setLevel(logging.INFO)
-    started_group = distributed.env_world_size() > 1 and not distributed.rank_world()[1] > 1
-    rank, world = distributed.init_from_env(device)
-    try:
-        if world > 1:
-            if device_map is not None or memory is not None:
-                raise LangNeuronsError("--device-map/--max-memory spread ONE model over several GPUs, but under "
-                                       f"torchrun/accelerate each of the {world} processes holds its own copy; "
-                                       "use one process with --device-map auto, or drop them")
-            import torch
-
-            if device is None and torch.cuda.is_available():
-                device = f"cuda:{distributed.local_rank()}"
-        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=memory,
-                            revision=revision, trust_remote_code=trust_remote_code, offline=offline or None)
-        stats = do_record(loaded.model, loaded.tokenizer, corp, out, cfg, model_id=loaded.source,
-                          model_fingerprint=loaded.fingerprint, force=force, progress=rank == 0)
-    finally:
-        if started_group:
-            distributed.shutdown()
+    stats, rank, world = record_in_processes(model_cfg, corp, out, cfg, force=force)
     if rank == 0:
         for lang, n in zip(stats.languages, stats.tokens.tolist()):
             typer.echo(f"{lang:>8}  {n:>10,} tokens")

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..config import split_list
 from .app import app
 
 
@@ -56,34 +55,35 @@ def run(
     config: Optional[Path] = typer.Option(None, help="Run options from a YAML file (as --dump-config writes it); "
                                           "options given on the command line override it."),
     dump_config: bool = typer.Option(False, help="Print the run's options as YAML and stop (nothing is run)."),
+    separator: str = typer.Option("\n", help="Between prompt and response of pairs read without a chat template "
+                                  "(the authors' code uses none: --separator '')."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template for pairs and task prompts "
+                                        "(default: when the tokenizer has one)."),
+    ppl_style: str = typer.Option("token", help="token: token-weighted NLL; paper: mean over documents of each "
+                                  "document's mean NLL, then exp (the published aggregation)."),
+    task: Optional[Path] = typer.Option(None, help="Questions (MGSM/MSVAMP/JSONL): the model answers them and its "
+                                        "answers' response tokens are recorded (instead of --corpus)."),
+    max_questions: Optional[int] = typer.Option(None, help="--task: the first N questions per language."),
+    max_new_tokens: int = typer.Option(256, help="--task: tokens per answer at most (generation and accuracy)."),
+    sample: bool = typer.Option(False, help="--task: sample the answers instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="--task --sample: temperature."),
+    top_p: float = typer.Option(1.0, help="--task --sample: nucleus (1: off)."),
+    top_k: int = typer.Option(0, help="--task --sample: top-k (0: off)."),
+    gen_seed: int = typer.Option(0, help="--task --sample: sampling seed."),
+    template: Optional[str] = typer.Option(None, help="--task: user message with {question} (default: the question "
+                                           "for chat models, 'Question: {question}\nAnswer:' otherwise)."),
+    counting: str = typer.Option("pass", help="--task: pass (one pass over the generated ids) | during (counted "
+                                 "while generating)."),
 ) -> None:
     """Record -> identify (auto λ) -> anatomy -> ablation matrix -> report.html."""
-    from ..config import parse_class_sets
-    from ..pipeline import RunConfig, run_pipeline
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "config", "dump_config")}  # the options only
+    from ..pipeline import run_config_from_options, run_pipeline
 
-    cfg = RunConfig(out=out, neuron_sets=parse_class_sets(sets), model=model, corpus=corpus,
-                    langs=split_list(langs, what="--langs"), scope=scope, holdout=holdout, method=method,
-                    top_rate=top_rate, bar=bar, lam=lam, control=control, control_seeds=control_seeds,
-                    control_bins=control_bins, ablation_langs=split_list(ablation_langs, what="--ablation-langs"),
-                    eval_tokens_per_lang=eval_tokens_per_lang,
-                    batch_size=batch_size, max_tokens_per_lang=max_tokens_per_lang, max_eval_docs=max_eval_docs,
-                    dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                    mlp_act_path=mlp_act_path, revision=revision, trust_remote_code=trust_remote_code,
-                    offline=offline or None, pivot=pivot, bootstrap=bootstrap, stability=stability,
-                    lens_docs=lens_docs, lens_max_length=lens_max_length,
-                    skip_ablation=skip_ablation, force=force, progress=progress)
-    if config is not None:
-        from ..config import run_config_from_yaml
-
-        given = {n for n in ctx.params if (src := ctx.get_parameter_source(n)) is not None and src.name == "COMMANDLINE"
-                 and n not in ("config", "dump_config")}
-        cfg = run_config_from_yaml(config, {("neuron_sets" if n == "sets" else n): getattr(cfg, "neuron_sets" if n == "sets"
-                                                                                          else n) for n in given})
-    cfg = cfg.validate()
+    given = {n for n in ctx.params if (src := ctx.get_parameter_source(n)) is not None and src.name == "COMMANDLINE"}
+    cfg = run_config_from_options(options, config_file=config, given=given)
     if dump_config:
         from ..config import run_config_to_yaml
 
         typer.echo(run_config_to_yaml(cfg), nl=False)
         return
-    report = run_pipeline(cfg, echo=typer.echo)
-    typer.echo(f"report: {report}")
+    typer.echo(f"report: {run_pipeline(cfg, echo=typer.echo)}")

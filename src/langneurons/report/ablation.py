@@ -292,12 +292,16 @@ def render_section(run_dir: str | Path, *, standalone: bool = False) -> str:
              "tokenisers split them unequally. The boxed diagonal is each language's own loss.</p>"]
     if manifest:
         facts = []
-        for key in ("eval_corpus", "scope", "batch_size", "control", "control_bins", "control_seeds", "passes",
-                    "seconds"):
+        for key in ("eval_corpus", "scope", "ppl_style", "batch_size", "control", "control_bins", "control_seeds",
+                    "passes", "seconds"):
             if key in manifest:
                 facts.append(f"{key.replace('_', ' ')}: {manifest[key]}")
         if facts:
             parts.append(f'<p class="small">{esc("; ".join(str(f) for f in facts))}</p>')
+        if manifest.get("ppl_style") == "paper":
+            parts.append(note_html("Perplexity style: paper. NLL and perplexity are the mean over documents of each "
+                                   "document's mean NLL (then exp), as the published code reports them, not the "
+                                   "token-weighted mean; intervals resample documents in the same style.", "note"))
     for metric in HEATMAP_METRICS:
         for nset, _ in matrices(df, metric).items():
             stem = f"ablation_{metric}_{_slug(nset)}"
@@ -379,7 +383,20 @@ def run_intervals(run: RunDir, resamples: int | None = None, seed: int = 0) -> A
         import pandas as pd
 
         _IV_CACHE.clear()
-        _IV_CACHE[key] = ablation_intervals(pd.read_parquet(path), resamples=resamples, seed=seed)
+        docs = pd.read_parquet(path)
+        paper = run.stage_result("ablation").get("ppl_style") == "paper"
+        if paper:
+            # the paper's style averages per-document means: as ratios of sums that is every
+            # document's mean NLL over a weight of 1 (token counts are restored for display)
+            tokens = docs[docs["neuron_set"] == "none"].groupby("eval_lang")["tokens"].sum()
+            docs = docs.assign(nll=docs["nll"] / docs["tokens"].clip(lower=1), tokens=1)
+        iv = ablation_intervals(docs, resamples=resamples, seed=seed)
+        if paper:
+            for frame in (iv.cells, getattr(iv, "selectivity", None)):
+                if frame is not None and len(frame) and "n_tokens" in frame.columns:
+                    lang_col = "eval_lang" if "eval_lang" in frame.columns else "deactivated_lang"
+                    frame["n_tokens"] = frame[lang_col].map(tokens).fillna(frame["n_tokens"]).astype("int64")
+        _IV_CACHE[key] = iv
     return _IV_CACHE[key]
 
 

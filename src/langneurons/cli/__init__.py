@@ -22,6 +22,7 @@ from . import run as _run  # noqa: F401,E402
 from . import align as _align  # noqa: F401,E402
 from . import confidence as _confidence  # noqa: F401,E402
 from . import lens as _lens  # noqa: F401,E402
+from . import steer as _steer  # noqa: F401,E402
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

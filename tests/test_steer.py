@@ -412,3 +412,38 @@ def test_stage_errors(tmp_path, tokenizer, llama):
     stage = SteerStage(tmp_path, SteerConfig(sources=["en"], targets=["de"], strengths="best"))
     with pytest.raises(LangNeuronsError, match="best"):
         stage.strengths()
+
+
+def test_stage_diffmean_rows_equal_one_prompt_at_a_time(tmp_path, tokenizer, llama):
+    """The DiffMean rows batch every source's prompts with a vector per row; each output must
+    equal the prompt generated alone with its own source's vector."""
+    from langneurons.stages import SteerStage
+
+    langs = _tiny_run(tmp_path, tokenizer, llama)
+    loaded = SimpleNamespace(model=llama, tokenizer=tokenizer, fingerprint="fp")
+    cfg = SteerConfig(sources=["en", "de"], targets=["ru"], methods=("diffmean",), diffmean_strengths=(3.0,),
+                      diffmean_layers=(0,), prompts=2, max_new_tokens=5, batch_size=3)
+    resid = {k: SAMPLE_TEXTS[k] for k in langs}
+    SteerStage(tmp_path, cfg, loaded=loaded, resid_docs=resid).run_stage()
+    means = residual_means(llama, tokenizer, resid, [0])
+    gens = [json.loads(x) for x in (tmp_path / "steer_generations.jsonl").read_text().splitlines()]
+    mine = [g for g in gens if g["method"] == "diffmean"]
+    assert len(mine) == 4
+    for g in mine:
+        vec = diffmean_vectors(means, [0], g["src"], "ru", 3.0)
+        alone = generate(llama, tokenizer, [g["prompt"]], max_new_tokens=5,
+                         batch_context=lambda w: add_to_residual(llama, vec, prompt_length=w))
+        assert alone[0].text == g["output"]
+
+
+def test_residual_add_per_row_vectors_equal_separate_rows(tokenizer, llama):
+    enc = tokenizer(["The cat sat on the mat.", "Кошка сидела."], return_tensors="pt", padding=True)
+    H = llama.config.hidden_size
+    vs = torch.randn(2, H, generator=torch.Generator().manual_seed(5))
+    with add_to_residual(llama, {1: vs}):
+        both = _logits(llama, dict(enc))
+    for r in range(2):
+        n = int(enc["attention_mask"][r].sum())
+        with add_to_residual(llama, {1: vs[r]}):
+            one = _logits(llama, {"input_ids": enc["input_ids"][r:r + 1, :n]})
+        torch.testing.assert_close(both[r, :n], one[0], atol=1e-4, rtol=1e-4)

@@ -337,6 +337,11 @@ class _ResidualAdder(_Patcher):
         vec = self._vec_on.get(key)
         if vec is None:
             vec = self._vec_on[key] = self.vectors[layer].to(region.device, region.dtype)
+        if vec.dim() == 2:  # one vector per batch row
+            if vec.shape[0] != region.shape[0]:
+                raise LangNeuronsError(f"add_to_residual: {vec.shape[0]} per-row vectors for a batch of "
+                                       f"{region.shape[0]} rows")
+            return region + vec[:, None, :]
         return region + vec
 
     def block_hook(self, layer: int, out: Any) -> Any:
@@ -354,9 +359,10 @@ class _ResidualAdder(_Patcher):
 @contextmanager
 def add_to_residual(model: nn.Module, vectors: dict[int, torch.Tensor], *, positions: Positions = "all",
                     prompt_length: int | None = None) -> Iterator[Intervention]:
-    """Add ``vectors[l]`` (a [hidden] tensor) to the residual stream after block ``l`` (the
-    block's output hidden states, what ``output_hidden_states`` reports at index l + 1) while the
-    block runs: a difference-of-means steering vector. ``positions`` as in `deactivate`.
+    """Add ``vectors[l]`` (a [hidden] tensor, or [batch, hidden]: one vector per row) to the
+    residual stream after block ``l`` (the block's output hidden states, what
+    ``output_hidden_states`` reports at index l + 1) while the block runs: a difference-of-means
+    steering vector. ``positions`` as in `deactivate`.
 
     The returned `Intervention` has one entry per block in ``indices`` (an index tensor [0] for
     every steered block) so that ``calls`` and ``check_fired()`` work as for neurons."""
@@ -370,9 +376,10 @@ def add_to_residual(model: nn.Module, vectors: dict[int, torch.Tensor], *, posit
     for layer, vec in vectors.items():
         if not 0 <= int(layer) < len(blocks):
             raise NeuronMapError(f"residual layer {layer} is out of range: the model has {len(blocks)} blocks")
-        v = torch.as_tensor(vec).detach().flatten()
-        if hidden and v.numel() != hidden:
-            raise NeuronMapError(f"the steering vector of layer {layer} has {v.numel()} entries but the model's "
+        v = torch.as_tensor(vec).detach()
+        v = v.flatten() if v.dim() != 2 else v
+        if hidden and v.shape[-1] != hidden:
+            raise NeuronMapError(f"the steering vector of layer {layer} has {v.shape[-1]} entries but the model's "
                                  f"hidden size is {hidden}")
         if not torch.isfinite(v).all():
             raise LangNeuronsError(f"the steering vector of layer {layer} has NaN or infinite entries")

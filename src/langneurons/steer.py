@@ -358,6 +358,8 @@ class _Job:
     srcs: list[str]
     n_neurons: int
     context: Callable[[int], Any] | None  # batch_context of lm.generate
+    row_vectors: list[torch.Tensor] | None = None  # diffmean: the residual vector of every prompt
+    resid_layer: int = 0
 
 
 def _restrict(mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
@@ -382,7 +384,7 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
 
     from .arch import locate_activations
     from .evaluate import detect_language
-    from .intervene import add_to_residual, deactivate, matched_control
+    from .intervene import deactivate, matched_control
     from .lm import GenerateConfig, generate
 
     sites = locate_activations(model, cfg.model.act_path)
@@ -432,12 +434,11 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
             layer = int(lname)
             require(layer in list(resid_layers), f"diffmean layer {layer} has no mean residuals")
             row = list(resid_layers).index(layer)
-            for src in srcs:
-                vecs = diffmean_vectors({k: v[row:row + 1] for k, v in resid_means.items()}, [layer], src, tgt,
-                                        strength)
-                jobs.append(_Job("diffmean", lname, strength, None, tgt, [src], 0,
-                                 lambda width, vecs=vecs: _checked(add_to_residual(model, vecs, positions=pos,
-                                                                                   prompt_length=width))))
+            # one call per target: every source's prompts in one batch, each row with its own vector
+            by_src = {src: diffmean_vectors({k: v[row:row + 1] for k, v in resid_means.items()}, [layer], src, tgt,
+                                            strength)[layer] for src in srcs}
+            jobs.append(_Job("diffmean", lname, strength, None, tgt, list(srcs), 0, None,
+                             row_vectors=[by_src[s] for s in srcs for _ in prompts[s]], resid_layer=layer))
     # the unsteered outputs, once per source
     sources = list(dict.fromkeys(s for s, _ in pairs))
     echo(f"[steer] {len(jobs)} steered generation calls + {len(sources)} unsteered, "
@@ -489,7 +490,10 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
         score("none", "", 0.0, None, src, tgt, 0, base[src], base_nll[src])
     for j, job in enumerate(jobs):
         texts = [p["prompt"] for s in job.srcs for p in prompts[s]]
-        gens = generate(model, tokenizer, texts, gcfg, batch_context=job.context)
+        if job.row_vectors is not None:
+            gens = _generate_per_row(model, tokenizer, texts, gcfg, job.resid_layer, job.row_vectors, pos)
+        else:
+            gens = generate(model, tokenizer, texts, gcfg, batch_context=job.context)
         nlls = output_nll(model, tokenizer, gens, cfg.batch_size)
         at = 0
         for src in job.srcs:
@@ -502,6 +506,25 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "setting"])
     df["seed"] = df["seed"].astype("Int64")
     return df
+
+
+def _generate_per_row(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], gcfg: Any, layer: int,
+                      vectors: Sequence[torch.Tensor], positions: str) -> list[Any]:
+    """`lm.generate` with a residual vector of its own for every prompt (batched: ``on_batch``
+    says which prompts a batch's rows are, and the batch's context adds a [rows, H] tensor)."""
+    from .intervene import add_to_residual
+    from .lm import generate
+
+    rows: list[int] = []
+
+    def on_batch(which: list[int]) -> None:
+        rows[:] = which
+
+    def context(width: int) -> Any:
+        per_row = torch.stack([vectors[i] for i in rows])
+        return _checked(add_to_residual(model, {layer: per_row}, positions=positions, prompt_length=width))
+
+    return generate(model, tokenizer, texts, gcfg, on_batch=on_batch, batch_context=context)
 
 
 def _seed(seed: int | None, src: str, tgt: str) -> int:

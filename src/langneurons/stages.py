@@ -619,9 +619,10 @@ class SteerStage(Stage[Any]):
             if not source or not holdout or not Path(source).exists():
                 raise LangNeuronsError("the run names no corpus for the DiffMean residuals (its split stage has no "
                                        "source); pass --methods neurons,random or give resid_docs from Python")
-            corpus = load_corpus(source, self.langs, kind=split.get("kind") or "text")
+            corpus = load_corpus(source, sorted(set(self.sources) | set(self.targets)), kind=split.get("kind") or "text")
             self._resid_docs = corpus.split(float(holdout))[0].by_lang
-        return {k: list(v)[: self.config.diffmean_docs] for k, v in self._resid_docs.items() if k in self.langs}
+        need = set(self.sources) | set(self.targets)
+        return {k: list(v)[: self.config.diffmean_docs] for k, v in self._resid_docs.items() if k in need}
 
     @property
     def stats(self) -> Any:

@@ -239,10 +239,11 @@ def residual_means(model: torch.nn.Module, tokenizer: Any, texts_by_lang: Mappin
     """Mean residual stream after each block in ``layers``: ``{lang: float64 [len(layers), H]}``
     over every real token of the language's texts except special tokens (BOS carries no language
     and, in several families, a residual of huge norm that would dominate the mean)."""
-    from .arch import locate_unembedding
+    from .arch import body_of, locate_unembedding
     from .lm import input_device
 
     blocks = locate_unembedding(model).layers
+    body = body_of(model)  # the blocks without the LM head: no logits are needed
     for layer in layers:
         require(0 <= layer < len(blocks), f"--diffmean-layers {layer}: the model has blocks 0-{len(blocks) - 1}")
     store: dict[int, torch.Tensor] = {}
@@ -275,7 +276,7 @@ def residual_means(model: torch.nn.Module, tokenizer: Any, texts_by_lang: Mappin
                     ids[i, :len(row)] = torch.tensor(row)
                     att[i, :len(row)] = 1
                     use[i, :len(row)] = torch.tensor(keep)
-                model(input_ids=ids.to(device), attention_mask=att.to(device))
+                body(input_ids=ids.to(device), attention_mask=att.to(device))
                 stacked = torch.stack([store[layer][use.to(store[layer].device)].double().sum(0).cpu()
                                        for layer in layers])
                 sums = stacked if sums is None else sums + stacked
@@ -318,27 +319,43 @@ def harmonic_mean(a: float, b: float) -> float:
 @torch.no_grad()
 def output_nll(model: torch.nn.Module, tokenizer: Any, gens: Sequence[Any], batch_size: int = 8) -> list[tuple[float, int]]:
     """(sum of NLL, number of tokens) of every generation's new tokens under ``model`` given its
-    prompt ids: the log-probability of the true next token, one right-padded forward each batch."""
+    prompt ids: the log-probability of the true next token.
+
+    One forward per batch, left padded with position ids from the attention mask (as
+    `lm.generate` decodes), so every row's new tokens end at the last column and only the last
+    ``max new tokens + 1`` positions need logits (``logits_to_keep``): on a large vocabulary the
+    head over the prompt would cost more than the rest."""
+    import inspect
+
     from .lm import input_device, pad_id
 
     pad = pad_id(tokenizer)
     device = input_device(model)
+    params = inspect.signature(model.forward).parameters
     out: list[tuple[float, int]] = [(0.0, 0)] * len(gens)
     todo = [i for i, g in enumerate(gens) if g.token_ids]
     for b0 in range(0, len(todo), batch_size):
         idx = todo[b0:b0 + batch_size]
         seqs = [list(gens[i].prompt_ids) + list(gens[i].token_ids) for i in idx]
         width = max(len(s) for s in seqs)
+        keep = max(len(gens[i].token_ids) for i in idx) + 1
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         att = torch.zeros((len(idx), width), dtype=torch.long)
         for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            att[r, :len(s)] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float(), -1)
+            ids[r, width - len(s):] = torch.tensor(s)
+            att[r, width - len(s):] = 1
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device)}
+        if "position_ids" in params:
+            kwargs["position_ids"] = ((att.cumsum(-1) - 1).clamp(min=0)).to(device)
+        if "logits_to_keep" in params and keep < width:
+            kwargs["logits_to_keep"] = keep
+        logits = model(**kwargs).logits.float()
+        offset = width - logits.shape[1]  # column of logits[:, 0]
+        logp = torch.log_softmax(logits, -1)
         for r, i in enumerate(idx):
-            p, n = len(gens[i].prompt_ids), len(gens[i].token_ids)
-            targets = ids[r, p:p + n].to(logp.device)
-            lp = logp[r, p - 1:p - 1 + n].gather(1, targets[:, None]).sum()
+            n = len(gens[i].token_ids)
+            targets = ids[r, width - n:].to(logp.device)
+            lp = logp[r, width - n - 1 - offset:width - 1 - offset].gather(1, targets[:, None]).sum()
             out[i] = (float(-lp), n)
     return out
 

@@ -447,3 +447,18 @@ def test_residual_add_per_row_vectors_equal_separate_rows(tokenizer, llama):
         with add_to_residual(llama, {1: vs[r]}):
             one = _logits(llama, {"input_ids": enc["input_ids"][r:r + 1, :n]})
         torch.testing.assert_close(both[r, :n], one[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, msg", [(["--mode", "zero"], "--mode"), (["--positions", "x"], "--positions"),
+                                       (["--strength", "a,b"], "--strength"), (["--layers", "0-99"], None),
+                                       (["--to", "xx"], "--to")])
+def test_cli_bad_options_give_one_error_line(tmp_path, tokenizer, llama, capsys, args, msg):
+    from langneurons.cli import main
+
+    _tiny_run(tmp_path, tokenizer, llama)
+    with pytest.raises(SystemExit) as exc:
+        main(["steer", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:")
+    if msg:
+        assert msg in err[0]

@@ -670,7 +670,7 @@ class SteerStage(Stage[Any]):
                 match = {} if method == "diffmean" else {"mode": cfg.mode, "classes": cfg.classes,
                                                          "neurons": cfg.neurons}
                 best = best_settings(self.old, "neurons" if method == "random" else method,
-                                     positions=cfg.positions, **match)
+                                     positions=cfg.positions, setting=self.setting(), **match)
                 if best is None:
                     raise LangNeuronsError(f"--strength best: steer.parquet has no {method} rows of these settings to "
                                            "choose from; run a sweep with explicit strengths first")
@@ -680,8 +680,8 @@ class SteerStage(Stage[Any]):
         return out
 
     def setting(self) -> str:
-        """What every row depends on beyond its key: neuron map, stats, model, prompts (of every
-        language, so that runs over other pairs share it), lengths."""
+        """What every row depends on beyond its key: neuron map, stats, model, the prompt documents
+        and their cut (of every language, so that runs over other pairs share it), lengths."""
         from .steer import steer_prompts
 
         cfg = self.config
@@ -689,7 +689,9 @@ class SteerStage(Stage[Any]):
                           "model": (self.run.read_manifest().get("model") or {}).get("model_fingerprint")
                           if cfg.model.model is None else cfg.model.model,
                           "dtype": cfg.model.dtype, "max_new_tokens": cfg.max_new_tokens,
-                          "prompts": steer_prompts(self.prompt_docs, cfg.prompts, cfg.prompt_fraction),
+                          # every document's prompt (not only the first --prompts): a sweep on 8 prompts and a
+                          # grid on 2 share their setting; each row says how many prompts it rests on
+                          "prompts": input_key(steer_prompts(self.prompt_docs, 1 << 30, cfg.prompt_fraction)),
                           "chat": cfg.chat, "diffmean_docs": cfg.diffmean_docs, "max_length": cfg.max_length,
                           "control_bins": cfg.control_bins})[:16]
 

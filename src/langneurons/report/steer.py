@@ -46,7 +46,14 @@ def plot_strength(df: Any) -> Any:
             ax.axhline(float(base[metric].mean()), color="black", ls="--", lw=0.8, label="no intervention")
         ax.set_xlabel("strength")
         ax.set_ylabel(label)
-        ax.set_ylim(0, 1)
+        steered = table[table["method"] != "none"]
+        if len(steered) and (steered["strength"] > 0).all():
+            ax.set_xscale("log", base=2)  # strengths are swept by factors
+        if metric == "success":
+            ax.set_ylim(0, 1.02)
+        else:  # chrF of short continuations is small: scale to the data, from 0
+            top = float(table[metric].max()) if len(table) else 0.0
+            ax.set_ylim(0, max(0.05, 1.2 * top) if top == top else 1)
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].legend(fontsize=6, frameon=False, loc="best")
     fig.suptitle("Steering: mean over (from, to) pairs", fontsize=10)

@@ -13,7 +13,9 @@ Modes (``mode=``):
 * ``"zero"``  activation := 0 (deactivation: the neuron contributes nothing to ``down_proj``);
 * ``"scale"`` activation := factor * activation;
 * ``"set"``   activation := values[l, n], e.g. the neuron's mean activation in another language
-  (``ActivationStats.means()[k]``).
+  (``ActivationStats.means()[k]``);
+* ``"add"``   activation := activation + values[l, n], e.g. a multiple of the difference of two
+  languages' means (steering, `langneurons.steer`).
 
 Positions (``positions=``):
 
@@ -29,6 +31,12 @@ Positions (``positions=``):
   the *first* new token is predicted from the last prompt position, which is not patched, so it
   equals the unpatched model's first token; the intervention acts from the second token on.
   Chunked prefill (a prompt fed in several cached chunks) would be mistaken for generation.
+* ``"prompt"``    only the prompt's positions: every position of a prefill (or the positions
+  ``< prompt_length`` when it is given), nothing in a forward with a non-empty cache. The new
+  tokens then read keys and values that the patched prompt left in the cache.
+
+`add_to_residual` adds a vector to the residual stream after chosen blocks (a difference-of-means
+steering vector), with the same positions.
 
 Guarantees (all tested): hooks are removed on exit even when the body raises; contexts nest (both
 apply, inner after outer); an empty mask registers no hook, so logits are bit-identical to the
@@ -54,12 +62,14 @@ from torch import nn
 from .arch import ActivationSites, locate_activations
 from .errors import LangNeuronsError, NeuronMapError
 
-Mode = Literal["zero", "scale", "set"]
-Positions = Literal["all", "generated"]
+Mode = Literal["zero", "scale", "set", "add"]
+Positions = Literal["all", "generated", "prompt"]
+MODES = ("zero", "scale", "set", "add")
+POSITIONS = ("all", "generated", "prompt")
 #: a mask: bool [L, N], or one index tensor per layer
 MaskLike = torch.Tensor | Sequence[torch.Tensor]
 
-__all__ = ["deactivate", "Intervention", "random_control", "matched_control", "activity_from_probs",
+__all__ = ["deactivate", "add_to_residual", "Intervention", "MODES", "POSITIONS", "random_control", "matched_control", "activity_from_probs",
            "activity_strata", "as_indices", "mask_size", "mask_key"]
 
 
@@ -162,6 +172,7 @@ class _Patcher:
         # Start index (in the hook's sequence dim) of the patched positions for the current forward;
         # None = not inside a forward of the patched model (only matters for "generated").
         self.start: int | None = None
+        self.stop: int | None = None  # end (exclusive) of the patched positions; None: to the end
         self.batch: int | None = None  # batch size of the current forward (OPT flattens [B*T, N])
         self.first_layer = iv.layers[0] if iv.layers else -1
         self._idx_on: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -173,7 +184,13 @@ class _Patcher:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         self.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
-        if _cache_is_empty(args, kwargs):
+        prefill = _cache_is_empty(args, kwargs)
+        if self.positions == "prompt":
+            # A prefill reads the prompt: patch it (up to the given prompt length); cached decoding
+            # reads only new tokens: patch nothing.
+            self.start = 0 if prefill else 1 << 62
+            self.stop = (self.prompt_length if self.prompt_length is not None else None) if prefill else None
+        elif prefill:
             # A prefill reads the prompt: patch nothing, or from the given prompt length on.
             self.start = self.prompt_length if self.prompt_length is not None else 1 << 62
         else:
@@ -181,6 +198,7 @@ class _Patcher:
 
     def post_forward(self, *_: Any) -> None:
         self.start = None
+        self.stop = None
 
     def _index(self, layer: int, device: torch.device) -> torch.Tensor:
         key = (layer, device)
@@ -202,46 +220,53 @@ class _Patcher:
         if idx.numel() == 0:  # never registered for empty layers; kept for safety
             return None
         self.iv.calls[layer] += 1
-        start = 0
-        if self.positions == "generated":
+        start, stop = 0, None
+        if self.positions in ("generated", "prompt"):
             if self.start is None:
-                raise LangNeuronsError("positions='generated' needs the forward to go through the model passed "
-                                       "to deactivate() (it reads the KV cache to tell prompt from new tokens)")
+                raise LangNeuronsError(f"positions={self.positions!r} needs the forward to go through the model "
+                                       "passed to the intervention (it reads the KV cache to tell prompt from new "
+                                       "tokens)")
             flat_shape = None
             if out.dim() == 2 and self.batch and out.shape[0] % self.batch == 0:
                 flat_shape = out.shape  # OPT: [B*T, N] -> [B, T, N] for the position logic, back below
                 out = out.view(self.batch, -1, out.shape[-1])
             if out.dim() != 3:
-                raise LangNeuronsError(f"positions='generated' needs a [batch, seq, neurons] activation, got "
+                raise LangNeuronsError(f"positions={self.positions!r} needs a [batch, seq, neurons] activation, got "
                                        f"shape {list(out.shape)}")
             start = min(self.start, out.shape[1])
-            if start >= out.shape[1]:
-                return None  # only prompt positions in this forward
+            stop = None if self.stop is None or self.stop >= out.shape[1] else self.stop
+            if start >= (out.shape[1] if stop is None else stop):
+                return None  # no position of this forward is in scope
             if flat_shape is not None:
-                patched = self._patch(layer, out, start)
+                patched = self._patch(layer, out, start, stop)
                 return patched.reshape(flat_shape)
-        return self._patch(layer, out, start)
+        return self._patch(layer, out, start, stop)
 
-    def _patch(self, layer: int, out: torch.Tensor, start: int) -> torch.Tensor:
+    def _patch(self, layer: int, out: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        whole = start == 0 and stop is None
         if layer == self.first_layer:
-            self.iv.patched_positions += int(out[..., 0].numel() if start == 0 else out[:, start:, 0].numel())
-        dev = out.device
-        index = self._index(layer, dev)
+            self.iv.patched_positions += int(out[..., 0].numel() if whole else out[:, start:stop, 0].numel())
         # Out-of-place (never modify `out`): autograd may need it (ReLU's backward reads its output),
         # and untouched coordinates stay bit-identical.
-        region = out if start == 0 else out[:, start:]
-        if self.mode == "zero":
-            new_region = region.index_fill(-1, index, 0.0)
-        elif self.mode == "scale":
-            new_region = region.index_copy(-1, index, region.index_select(-1, index) * self.factor)
-        else:
-            vals = self._values(layer, dev, out.dtype)
-            new_region = region.index_copy(-1, index, vals.expand(*region.shape[:-1], vals.numel()).contiguous())
-        if start == 0:
+        region = out if whole else out[:, start:stop]
+        new_region = self._apply(layer, region)
+        if whole:
             return new_region
         new = out.clone()
-        new[:, start:] = new_region
+        new[:, start:stop] = new_region
         return new
+
+    def _apply(self, layer: int, region: torch.Tensor) -> torch.Tensor:
+        dev = region.device
+        index = self._index(layer, dev)
+        if self.mode == "zero":
+            return region.index_fill(-1, index, 0.0)
+        if self.mode == "scale":
+            return region.index_copy(-1, index, region.index_select(-1, index) * self.factor)
+        vals = self._values(layer, dev, region.dtype)
+        if self.mode == "add":
+            return region.index_add(-1, index, vals.expand(*region.shape[:-1], vals.numel()).contiguous())
+        return region.index_copy(-1, index, vals.expand(*region.shape[:-1], vals.numel()).contiguous())
 
 
 @contextmanager
@@ -253,14 +278,16 @@ def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor:
 
     mask: bool [L, N] or one index tensor per layer (a NeuronMap gives either:
     ``nmap.language_mask(lang, classes)`` / ``nmap.masks(classes)[lang]``).
-    mode: "zero" | "scale" (times ``factor``) | "set" (to ``values[l, n]``, a [L, N] tensor).
-    positions: "all" | "generated" (see the module docstring for how new tokens are detected;
-    ``prompt_length`` makes a prefill patch the positions >= prompt_length).
+    mode: "zero" | "scale" (times ``factor``) | "set" (to ``values[l, n]``, a [L, N] tensor) |
+    "add" (plus ``values[l, n]``).
+    positions: "all" | "generated" | "prompt" (see the module docstring for how new tokens are
+    detected; ``prompt_length`` makes a prefill patch the positions >= prompt_length, or, for
+    "prompt", the positions < prompt_length).
     """
-    if mode not in ("zero", "scale", "set"):
-        raise LangNeuronsError(f"unknown intervention mode {mode!r}; use zero, scale or set")
-    if positions not in ("all", "generated"):
-        raise LangNeuronsError(f"unknown positions {positions!r}; use all or generated")
+    if mode not in MODES:
+        raise LangNeuronsError(f"unknown intervention mode {mode!r}; use zero, scale, set or add")
+    if positions not in POSITIONS:
+        raise LangNeuronsError(f"unknown positions {positions!r}; use all, generated or prompt")
     sites = sites or locate_activations(model, act_path)
     if getattr(sites, "is_moe", False):  # mixture of experts: neurons inside experts (langneurons.moe)
         from .moe import deactivate_neurons
@@ -271,15 +298,15 @@ def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor:
         return
     L, N = sites.num_layers, sites.num_neurons
     indices = as_indices(mask, L, N)
-    if mode == "set":
+    if mode in ("set", "add"):
         if values is None:
-            raise LangNeuronsError("mode='set' needs values=[layers, neurons] (e.g. stats.means()[k])")
+            raise LangNeuronsError(f"mode={mode!r} needs values=[layers, neurons] (e.g. stats.means()[k])")
         values = torch.as_tensor(values)
         if tuple(values.shape) != (L, N):
             raise NeuronMapError(f"values are {list(values.shape)} but the model has {L} layers x {N} neurons")
         values = values.detach().cpu()
     elif values is not None:
-        raise LangNeuronsError(f"values= is only used with mode='set' (mode is {mode!r})")
+        raise LangNeuronsError(f"values= is only used with mode='set' or 'add' (mode is {mode!r})")
     if prompt_length is not None and prompt_length < 0:
         raise LangNeuronsError(f"prompt_length must be >= 0, got {prompt_length}")
     iv = Intervention(mode, positions, indices, calls=[0] * L)
@@ -287,7 +314,7 @@ def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor:
     handles: list[Any] = []
     try:
         if iv.layers:  # an empty mask registers nothing: bit-identical to the unpatched model
-            if positions == "generated":
+            if positions in ("generated", "prompt"):
                 handles.append(model.register_forward_pre_hook(patcher.pre_forward, with_kwargs=True))
                 handles.append(model.register_forward_hook(patcher.post_forward))
             for layer in iv.layers:
@@ -301,6 +328,89 @@ def deactivate(model: nn.Module, mask: MaskLike, *, mode: Mode = "zero", factor:
     if positions == "generated" and iv.layers and any(iv.calls) and iv.patched_positions == 0:
         warnings.warn("positions='generated': the model ran but no position after the prompt was patched "
                       "(generation without a KV cache? pass prompt_length=)", stacklevel=3)
+
+
+class _ResidualAdder(_Patcher):
+    """Adds ``vectors[layer]`` [H] to a block's output hidden states (same position rules)."""
+
+    def __init__(self, iv: Intervention, vectors: dict[int, torch.Tensor], positions: str,
+                 prompt_length: int | None):
+        super().__init__(iv, "add", 0.0, None, positions, prompt_length)
+        self.vectors = vectors
+        self._vec_on: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _apply(self, layer: int, region: torch.Tensor) -> torch.Tensor:
+        key = (layer, region.device, region.dtype)
+        vec = self._vec_on.get(key)
+        if vec is None:
+            vec = self._vec_on[key] = self.vectors[layer].to(region.device, region.dtype)
+        if vec.dim() == 2:  # one vector per batch row
+            if vec.shape[0] != region.shape[0]:
+                raise LangNeuronsError(f"add_to_residual: {vec.shape[0]} per-row vectors for a batch of "
+                                       f"{region.shape[0]} rows")
+            return region + vec[:, None, :]
+        return region + vec
+
+    def block_hook(self, layer: int, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        new = self(layer, hidden)
+        if new is None:
+            return None
+        if isinstance(out, tuple):
+            return (new, *out[1:])
+        if isinstance(out, list):
+            return [new, *out[1:]]
+        return new
+
+
+@contextmanager
+def add_to_residual(model: nn.Module, vectors: dict[int, torch.Tensor], *, positions: Positions = "all",
+                    prompt_length: int | None = None) -> Iterator[Intervention]:
+    """Add ``vectors[l]`` (a [hidden] tensor, or [batch, hidden]: one vector per row) to the
+    residual stream after block ``l`` (the block's output hidden states, what
+    ``output_hidden_states`` reports at index l + 1) while the block runs: a difference-of-means
+    steering vector. ``positions`` as in `deactivate`.
+
+    The returned `Intervention` has one entry per block in ``indices`` (an index tensor [0] for
+    every steered block) so that ``calls`` and ``check_fired()`` work as for neurons."""
+    from .arch import locate_unembedding
+
+    if positions not in POSITIONS:
+        raise LangNeuronsError(f"unknown positions {positions!r}; use all, generated or prompt")
+    blocks = locate_unembedding(model).layers
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    vecs: dict[int, torch.Tensor] = {}
+    for layer, vec in vectors.items():
+        if not 0 <= int(layer) < len(blocks):
+            raise NeuronMapError(f"residual layer {layer} is out of range: the model has {len(blocks)} blocks")
+        v = torch.as_tensor(vec).detach()
+        v = v.flatten() if v.dim() != 2 else v
+        if hidden and v.shape[-1] != hidden:
+            raise NeuronMapError(f"the steering vector of layer {layer} has {v.shape[-1]} entries but the model's "
+                                 f"hidden size is {hidden}")
+        if not torch.isfinite(v).all():
+            raise LangNeuronsError(f"the steering vector of layer {layer} has NaN or infinite entries")
+        vecs[int(layer)] = v.cpu()
+    if prompt_length is not None and prompt_length < 0:
+        raise LangNeuronsError(f"prompt_length must be >= 0, got {prompt_length}")
+    indices = [torch.zeros(1, dtype=torch.int64) if i in vecs else torch.empty(0, dtype=torch.int64)
+               for i in range(len(blocks))]
+    iv = Intervention("residual-add", positions, indices, calls=[0] * len(blocks))
+    adder = _ResidualAdder(iv, vecs, positions, prompt_length)
+    handles: list[Any] = []
+    try:
+        if vecs:
+            if positions in ("generated", "prompt"):
+                handles.append(model.register_forward_pre_hook(adder.pre_forward, with_kwargs=True))
+                handles.append(model.register_forward_hook(adder.post_forward))
+            for layer in sorted(vecs):
+                def hook(_mod: nn.Module, _inp: Any, out: Any, layer: int = layer) -> Any:
+                    return adder.block_hook(layer, out)
+                handles.append(blocks[layer].register_forward_hook(hook))
+        yield iv
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def random_control(mask: MaskLike, seed: int, *, exclude: MaskLike | None = None,

@@ -568,3 +568,219 @@ class LensStage(Stage[Any]):
         atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
         return [path], {"file": path.name, "documents": {k: len(v) for k, v in self.texts.items()},
                         "summary": lens_summary(df, self.config.english)}
+
+
+# -- steering ------------------------------------------------------------------------------------
+class SteerStage(Stage[Any]):
+    """steer.parquet: forcing success, fidelity and fluency cost of steering the output language
+    with language neurons, activity-matched random neurons and a DiffMean residual vector
+    (steer.py). Rows are merged into the file by their key, so a strength sweep on a few pairs
+    and a later grid at the best strength add up in one table; rows made with another neuron
+    map, stats, model or prompts are dropped."""
+
+    name = "steer"
+
+    def __init__(self, run: RunDir | str | Path, config: Any, *, loaded: Any = None, nmap: Any = None, stats: Any = None,
+                 prompt_docs: Mapping[str, Sequence[Any]] | None = None,
+                 resid_docs: Mapping[str, Sequence[Any]] | None = None, by: str = ""):
+        from .neurons import NeuronMap
+        from .steer import read_steer
+
+        super().__init__(run, by=by)
+        self.config = config.validate()
+        self._loaded = loaded
+        self.nmap = nmap if nmap is not None else NeuronMap.load(self.run.neurons_path)
+        self._stats = stats
+        self.langs = list(self.nmap.languages)
+        cfg = self.config
+        for what, given in (("--from", cfg.sources), ("--to", cfg.targets)):
+            bad = [x for x in given or [] if x not in self.langs]
+            if bad:
+                raise LangNeuronsError(f"{what} {','.join(bad)} not in the neuron map ({','.join(self.langs)})")
+        self.sources = list(cfg.sources or self.langs)
+        self.targets = list(cfg.targets or self.langs)
+        from .steer import iter_pairs
+
+        self.pairs = list(iter_pairs(self.sources, self.targets, cfg.diagonal))
+        if not self.pairs:
+            raise LangNeuronsError("no (from, to) pair to steer: --from and --to name the same single language "
+                                   "(pass --diagonal to steer a language to itself)")
+        self.prompt_docs = dict(prompt_docs) if prompt_docs is not None else self._eval_docs()
+        missing = [x for x in dict.fromkeys(self.sources + self.targets) if not self.prompt_docs.get(x)]
+        if missing:
+            raise LangNeuronsError(f"no held-out documents for {','.join(missing)}: the prompts and references come "
+                                   "from the run's eval_corpus.jsonl (pass prompt documents from Python otherwise)")
+        self._resid_docs = dict(resid_docs) if resid_docs is not None else None
+        self.old = None if cfg.force else read_steer(self.run.path)
+        self._echo: Echo = _quiet
+        self.generations: list[dict[str, Any]] = []
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _eval_docs(self) -> dict[str, list[Any]]:
+        from .corpus import load_corpus
+
+        if not self.run.eval_corpus_path.is_file():
+            raise LangNeuronsError(f"{self.run.eval_corpus_path} is missing: steering prompts come from the run's "
+                                   "held-out documents (made by langneurons run)")
+        return load_corpus(self.run.eval_corpus_path, kind="auto").by_lang
+
+    def resid_docs(self) -> dict[str, list[Any]]:
+        """The run's identification documents (the recorded part of its corpus) for the mean
+        residuals of DiffMean: never the held-out documents the prompts and references come from."""
+        if self._resid_docs is None:
+            from .corpus import load_corpus
+
+            split = self.run.stage_result("split")
+            source, holdout = split.get("source"), split.get("holdout")
+            if not source or not holdout or not Path(source).exists():
+                raise LangNeuronsError("the run names no corpus for the DiffMean residuals (its split stage has no "
+                                       "source); pass --methods neurons,random or give resid_docs from Python")
+            corpus = load_corpus(source, sorted(set(self.sources) | set(self.targets)), kind=split.get("kind") or "text")
+            self._resid_docs = corpus.split(float(holdout))[0].by_lang
+        need = set(self.sources) | set(self.targets)
+        return {k: list(v)[: self.config.diffmean_docs] for k, v in self._resid_docs.items() if k in need}
+
+    @property
+    def stats(self) -> Any:
+        if self._stats is None:
+            from .stats import ActivationStats
+
+            self._stats = ActivationStats.load(self.run.path, self.langs, buckets=False)
+        return self._stats
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            self._loaded = self.config.model.load(self.run.read_manifest())
+        return self._loaded
+
+    def prompts(self) -> dict[str, list[dict[str, Any]]]:
+        from .steer import steer_prompts
+
+        need = list(dict.fromkeys(self.sources + self.targets))
+        return steer_prompts({k: self.prompt_docs[k] for k in need}, self.config.prompts, self.config.prompt_fraction)
+
+    def num_layers(self) -> int:
+        return self.nmap.num_layers
+
+    def diffmean_layers(self) -> list[int]:
+        from .arch import locate_unembedding
+
+        if self.config.diffmean_layers:
+            return list(self.config.diffmean_layers)
+        blocks = len(locate_unembedding(self.loaded.model).layers) if self._loaded is not None else self.num_layers()
+        return [blocks // 2]
+
+    def strengths(self) -> dict[str, list[tuple[float, str]]]:
+        """Per method the (strength, layers) to run; 'best' takes the best of steer.parquet."""
+        from .steer import best_settings, layer_ranges
+
+        cfg, out = self.config, {}
+        ranges = [name for name, _ in layer_ranges(list(cfg.layers), self.num_layers())]
+        for method in ("neurons", "random", "diffmean"):
+            if method not in cfg.methods:
+                continue
+            given = cfg.diffmean_strengths if method == "diffmean" else cfg.strengths
+            layers = [str(x) for x in self.diffmean_layers()] if method == "diffmean" else ranges
+            if given == "best":
+                match = {} if method == "diffmean" else {"mode": cfg.mode, "classes": cfg.classes,
+                                                         "neurons": cfg.neurons}
+                best = best_settings(self.old, "neurons" if method == "random" else method,
+                                     positions=cfg.positions, setting=self.setting(), **match)
+                if best is None:
+                    raise LangNeuronsError(f"--strength best: steer.parquet has no {method} rows of these settings to "
+                                           "choose from; run a sweep with explicit strengths first")
+                out[method] = [best]
+            else:
+                out[method] = [(float(s), name) for s in given for name in layers]
+        return out
+
+    def setting(self) -> str:
+        """What every row depends on beyond its key: neuron map, stats, model, the prompt documents
+        and their cut (of every language, so that runs over other pairs share it), lengths."""
+        from .steer import steer_prompts
+
+        cfg = self.config
+        return input_key({"neurons": self.nmap.fingerprint(), "stats": self.stats.fingerprint(),
+                          "model": (self.run.read_manifest().get("model") or {}).get("model_fingerprint")
+                          if cfg.model.model is None else cfg.model.model,
+                          "dtype": cfg.model.dtype, "max_new_tokens": cfg.max_new_tokens,
+                          # every document's prompt (not only the first --prompts): a sweep on 8 prompts and a
+                          # grid on 2 share their setting; each row says how many prompts it rests on
+                          "prompts": input_key(steer_prompts(self.prompt_docs, 1 << 30, cfg.prompt_fraction)),
+                          "chat": cfg.chat, "diffmean_docs": cfg.diffmean_docs, "max_length": cfg.max_length,
+                          "control_bins": cfg.control_bins})[:16]
+
+    def inputs(self) -> dict[str, Any]:
+        from .steer import config_json
+
+        return {"setting": self.setting(), "config": config_json(self.config), "pairs": self.pairs,
+                "strengths": self.strengths()}
+
+    # -- compute and write -----------------------------------------------------------------------
+    def compute(self) -> Any:
+        from .evaluate import DEFAULT_DETECT_LANGUAGES
+        from .intervene import activity_from_probs
+        from .steer import doc_text, residual_means, steer_grid
+
+        cfg, loaded = self.config, self.loaded
+        nfp = self.nmap.meta.get("model_fingerprint")
+        if nfp and loaded.fingerprint and nfp != loaded.fingerprint and not cfg.force:
+            raise NeuronMapError(f"the neuron map was made for another model (fingerprint {nfp}, this model "
+                                 f"{loaded.fingerprint}); give the run's model, or --force")
+        stats = self.stats
+        means = stats.means()
+        strengths = self.strengths()
+        resid, layers = None, self.diffmean_layers()
+        if "diffmean" in strengths:
+            texts = {k: [doc_text(e) for e in v] for k, v in self.resid_docs().items()}
+            resid = residual_means(loaded.model, loaded.tokenizer, texts, layers, max_length=cfg.max_length,
+                                   batch_size=cfg.batch_size)
+        self.generations = []
+        detect = list(dict.fromkeys([*DEFAULT_DETECT_LANGUAGES, *self.langs]))
+        df = steer_grid(loaded.model, loaded.tokenizer, self.nmap, means, stats.languages, self.prompts(), cfg,
+                        activity=activity_from_probs(stats.probs()) if "random" in strengths else None,
+                        resid_means=resid, resid_layers=layers, pairs=self.pairs, strengths=strengths,
+                        detect_langs=detect, generations=self.generations, echo=self._echo)
+        df["setting"] = self.setting()
+        return df
+
+    def run_stage(self, *, force: bool = False, echo: Echo | None = None) -> Any:  # type: ignore[override]
+        """Compute (unless current) and return the whole merged table of steer.parquet."""
+        self._echo = echo or _quiet
+        super().run_stage(force=force or self.config.force, echo=echo)
+        return self.load()
+
+    def load(self) -> Any:
+        from .steer import read_steer
+
+        return read_steer(self.run.path)
+
+    def write(self, df: Any) -> tuple[list[Path], dict[str, Any]]:
+        from .evaluate import write_generations
+        from .report.steer import steer_figures
+        from .steer import STEER_FILE, STEER_GENERATIONS, merge_steer_rows, summary_table
+
+        merged = merge_steer_rows(self.old, df)
+        path = self.run.path / STEER_FILE
+        atomic_write(path, lambda tmp: merged.to_parquet(tmp, index=False))
+        gen_path = self.run.path / STEER_GENERATIONS
+        old_gens = []
+        if gen_path.is_file() and self.old is not None and len(merged) > len(df):
+            keys = {(r["method"], r["layers"], float(r["strength"]), r["src"], r["tgt"]) for r in self.generations}
+            for line in gen_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if (rec.get("method"), rec.get("layers"), float(rec.get("strength") or 0), rec.get("src"),
+                        rec.get("tgt")) not in keys:
+                    old_gens.append(rec)
+        write_generations(gen_path, old_gens + self.generations)
+        figures = steer_figures(merged, self.run.figures_dir)
+        table = summary_table(df)
+        section = {"file": path.name, "rows": int(len(merged)), "new_rows": int(len(df)), "pairs": len(self.pairs),
+                   "setting": self.setting(), "strengths": self.strengths(),
+                   "summary": json.loads(table.to_json(orient="records")),
+                   "figures": [str(p.relative_to(self.run.path)) for p in figures]}
+        return [path, gen_path], section

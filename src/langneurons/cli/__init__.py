@@ -25,6 +25,7 @@ from . import lens as _lens  # noqa: F401,E402
 from . import eval as _eval  # noqa: F401,E402
 from . import package as _package  # noqa: F401,E402
 from . import generate as _generate  # noqa: F401,E402
+from . import steer as _steer  # noqa: F401,E402
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

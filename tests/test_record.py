@@ -222,15 +222,17 @@ def test_hooks_that_fire_twice_fail_loudly(tokenizer):
         rec.count([Example("en", text="hello there")], progress=False)
 
 
-def test_unknown_architecture_is_one_clear_line(llama):
-    llama.config.model_type = "mystery"
-    try:
-        with pytest.raises(ArchitectureError, match="supported families are .*mlp-act-path"):
-            locate_activations(llama)
-        sites = locate_activations(llama, act_path="model.layers.{i}.mlp.act_fn")
-        assert sites.num_layers == 2 and sites.num_neurons == 48
-    finally:
-        llama.config.model_type = "llama"
+def test_unknown_architecture_is_one_clear_line(tokenizer):
+    """A family outside the table without the Llama-style layout is one clear line (a Llama-style
+    one is used with a warning: tests/test_hub.py); --mlp-act-path always works."""
+    from tiny import make_model
+
+    gpt2 = make_model("gpt2", vocab_size=len(tokenizer))
+    gpt2.config.model_type = "mystery"
+    with pytest.raises(ArchitectureError, match="supported families are .*mlp-act-path"):
+        locate_activations(gpt2)
+    sites = locate_activations(gpt2, act_path="transformer.h.{i}.mlp.act")
+    assert sites.num_layers == 2 and sites.num_neurons == 48
 
 
 def test_truncation_warns(llama, tokenizer, tmp_path):

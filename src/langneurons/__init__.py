@@ -7,8 +7,8 @@ The main public names are importable from the package itself (``from langneurons
 load_model, EntropyLambda``); they are loaded lazily, on first use, so ``import langneurons``
 stays light (no torch, no transformers). The functions named like their modules are reached
 through the module: ``from langneurons.record import record``,
-``from langneurons.identify import identify`` (a package attribute ``record`` is the submodule
-once it is imported, so it cannot also be the function).
+``from langneurons.identify import identify``, ``from langneurons.lm import generate`` (a package
+attribute ``record`` is the submodule once it is imported, so it cannot also be the function).
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ _EXPORTS: dict[str, str] = {
     "analyze": "anatomy", "analyze_run": "anatomy",
     "deactivate": "intervene",
     "perplexity": "evaluate", "ablation_matrix": "evaluate", "accuracy_matrix": "evaluate",
-    "generate": "lm", "GenerateConfig": "lm",
+    "GenerateConfig": "lm",
     "read_task": "tasks",
     "compare_runs": "compare",
     "run_pipeline": "pipeline", "RunConfig": "pipeline",
     "register_architecture": "arch",
+    "Stage": "stage", "StageRecord": "stage", "is_fresh": "stage",
+    "IdentifyConfig": "config", "AblationConfig": "config", "ModelConfig": "config",
 }
 
 __all__ = ["__version__", *_EXPORTS]

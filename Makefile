@@ -11,7 +11,7 @@ RUN    ?= runs/demo
 # bootstrap intervals), two activity-matched control seeds; a small logit lens.
 # `langneurons run` without these options does the full analysis (see README).
 DEMO_ARGS ?= --max-tokens-per-lang 2500 --ablation-langs en,zh,ru,th --eval-tokens-per-lang 500 \
-	--sets specific --control-seeds 0,1 --lens-docs 4 --lens-max-length 64
+	--sets specific --control-seeds 0,1 --lens-docs 2 --lens-max-length 48
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: demo test install install-demo install-test bench clean

@@ -51,8 +51,9 @@ def make_run(d: Path, L: int = 16, N: int = 64, seed: int = 0, method: str = "en
         "model": {"model": "synthetic/tiny-llama", "architecture": "llama", "family": "gated",
                   "hook_point": "mlp.act_fn", "num_layers": L, "num_neurons": N, "dtype": "float32",
                   "model_fingerprint": "abc123"},
-        "record": {"scope": "all", "include_special": False, "corpus": "synthetic-corpus",
-                   "tokens": dict(zip(LANGS, tokens.tolist()))},
+        "stages": {"record": {"key": "synthetic", "inputs": {}, "outputs": {},
+                              "result": {"scope": "all", "include_special": False, "corpus": "synthetic-corpus",
+                                         "tokens": dict(zip(LANGS, tokens.tolist()))}}},
         "versions": {"langneurons": "0.1.0", "torch": torch.__version__}})
     pr = stats.probs()
     tau = float(torch.quantile(pr.flatten(), 0.95))

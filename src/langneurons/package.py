@@ -43,7 +43,7 @@ def provenance(run: RunDir, nmap: Any) -> dict[str, Any]:
                                              "hook_point", "num_layers", "num_neurons", "dtype")},
         "shape": [nmap.num_layers, nmap.num_neurons],
         "languages": list(nmap.languages),
-        "corpus": {"source": split.get("source") or (manifest.get("record") or {}).get("corpus"),
+        "corpus": {"source": split.get("source") or record.get("corpus"),
                    "identification_checksums": split.get("identification_corpus"),
                    "holdout": split.get("holdout"), "rule": split.get("rule")},
         "tokens_per_language": record.get("tokens"),

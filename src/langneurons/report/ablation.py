@@ -375,8 +375,8 @@ def run_intervals(run: RunDir, resamples: int | None = None, seed: int = 0) -> A
     if not path.is_file():
         return None
     if resamples is None:
-        man = run.read_manifest().get("ablation", {})
-        resamples = int(man.get("bootstrap") or (man.get("inputs") or {}).get("bootstrap") or 1000)
+        man = run.stage_result("ablation")
+        resamples = int(man.get("bootstrap") or 1000)
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size, resamples, seed)
     if key not in _IV_CACHE:

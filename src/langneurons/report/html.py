@@ -80,10 +80,16 @@ def _section_manifest(run_dir: Path, ctx: ReportContext) -> str | None:
     if not man and nmap is None:
         return None
     model = man.get("model") if isinstance(man.get("model"), dict) else {}
-    rec = man.get("record") if isinstance(man.get("record"), dict) else {}
+    stages = man.get("stages") if isinstance(man.get("stages"), dict) else {}
+
+    def section(name: str) -> dict[str, Any]:
+        rec = stages.get(name)
+        return rec.get("result") or {} if isinstance(rec, dict) else {}
+
+    rec = section("record")
     meta = nmap.meta if nmap is not None else {}
     params = meta.get("params") or {}
-    ident = man.get("identify") if isinstance(man.get("identify"), dict) else {}
+    ident = section("identify")
     rows: list[list[Any]] = [
         ["model", ctx.model],
         ["architecture / family", f"{model.get('architecture', '—')} / {model.get('family', '—')}"],

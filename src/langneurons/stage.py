@@ -53,10 +53,14 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
+    import sys
+    from importlib import metadata
+
     out = {"langneurons": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
+        module = sys.modules.get(name)  # the imported one (its version string, e.g. "2.13.0+cpu")
+        try:  # otherwise the installed distribution's: importing transformers costs a second
+            out[name] = module.__version__ if module is not None else metadata.version(name)
         except Exception:  # noqa: BLE001 - a missing optional library is simply not listed
             pass
     return out

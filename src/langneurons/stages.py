@@ -112,12 +112,14 @@ class IdentifyStage(Stage[Any]):
     """neurons.safetensors from the run's stats (or stats given in memory)."""
 
     name = "identify"
-    upstream = ("record",)
+    # no `upstream`: every stats file is checked against the record stage's checksum as it loads
+    # (stats.load_language_stats), so hashing them here too would read ~GBs twice at 7B scale
 
     def __init__(self, run: RunDir | str | Path, config: IdentifyConfig, stats: Any = None, *, by: str = ""):
         super().__init__(run, by=by)
         self.config = config.validate()
         self._stats = stats
+        self._inputs: dict[str, Any] | None = None
 
     @property
     def stats(self) -> Any:
@@ -133,8 +135,10 @@ class IdentifyStage(Stage[Any]):
         return self._stats
 
     def inputs(self) -> dict[str, Any]:
-        return {"method": self.config.method, "params": self.config.params(),
-                "stats_fingerprint": self.stats.fingerprint(), "languages": list(self.stats.languages)}
+        if self._inputs is None:  # the stats' fingerprint hashes [K, L, N] counts: once per stage
+            self._inputs = {"method": self.config.method, "params": self.config.params(),
+                            "stats_fingerprint": self.stats.fingerprint(), "languages": list(self.stats.languages)}
+        return self._inputs
 
     def compute(self) -> Any:
         from .identify import identify

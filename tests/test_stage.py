@@ -241,3 +241,14 @@ def test_edited_artifacts_are_refused_unless_accepted(setup, capsys):
         main(["anatomy", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:")
+
+
+def test_ablate_refuses_a_map_made_for_another_model(setup, tmp_path, capsys):
+    """Issue 19, item 4: a neuron map from another model of the same shape is never used silently."""
+    model, corpus, _, out = setup
+    _run(model, corpus, out, "--skip-ablation")
+    other = save_tiny(tmp_path / "other", "llama", seed=1)  # same family and shape, other weights
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", str(out), "--model", str(other), "--control", "layer", "--no-progress", "--device", "cpu"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "another model" in err[0]

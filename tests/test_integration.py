@@ -63,7 +63,7 @@ def test_record_identify_ablate_on_gemma(gemma, tmp_path):
             delta = {j: perplexity(gemma.model, gemma.tokenizer, docs[j]).nll - base[j] for j in LANGS}
         controls = []
         for seed in (0, 1, 2):
-            with deactivate(gemma.model, matched_control(mask, activity, seed, exclude=mask)):
+            with deactivate(gemma.model, matched_control(mask, activity, seed, exclude=mask | nmap.selected)):
                 controls.append(perplexity(gemma.model, gemma.tokenizer, docs[lang]).nll - base[lang])
         table[lang] = (delta, controls)
         own = delta[lang]

@@ -284,8 +284,11 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
                     info: dict[str, Any] = {}
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # re-said below with the language and set
-                        rand = matched_control(real, activity, cseed, exclude=real,  # type: ignore[arg-type]
-                                               bins=control_bins, info=info)
+                        # never another selected (language) neuron: on Gemma a matched draw that
+                        # took Russian's related neurons hurt Russian more than its specific set
+                        rand = matched_control(real, activity, cseed,  # type: ignore[arg-type]
+                                               exclude=real | nmap.selected.to(torch.bool), bins=control_bins,
+                                               info=info)
                     if info["shortfall"]:
                         short = sum(x["needed"] - x["available"] for x in info["shortfall"])
                         first = info["shortfall"][0]

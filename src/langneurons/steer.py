@@ -441,7 +441,8 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
                                 raise LangNeuronsError("the random control needs the run's stats (activity)")
                             with warnings.catch_warnings():
                                 warnings.simplefilter("ignore")
-                                mask = matched_control(mask, activity, _seed(seed, group[0], tgt), exclude=mask,
+                                mask = matched_control(mask, activity, _seed(seed, group[0], tgt),
+                                                       exclude=mask | nmap.selected.to(torch.bool),
                                                        bins=cfg.control_bins)
                         jobs.append(_Job(method, lname, strength, seed, tgt, group, int(mask.sum()),
                                          neuron_context(mask, group[0], tgt, strength) if mask.any() else None))

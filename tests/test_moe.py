@@ -590,3 +590,44 @@ def test_report_section_and_heatmap(tok, tmp_path):
     q = specialisation(moe.routing_shares(stats))
     assert float(q[2, 0, 0]) == 1.0 and float(q[0, 0, 0]) == 0.0  # only zh reaches expert (0, 0)
     torch.testing.assert_close(q.sum(0), torch.ones(2, E))
+
+
+def test_whole_expert_sets_in_the_ablation_matrix(tok, tmp_path):
+    """`experts:specific` removes a language's specific experts (router logits masked) inside the
+    ablation matrix: each cell equals a perplexity computed by hand under moe.mask_experts, and
+    its control draws the same number of other experts per layer, outside every selected one."""
+    from langneurons.config import parse_class_sets
+    from langneurons.evaluate import _plan_jobs, ablation_matrix, perplexity
+
+    model, _ = planted_model(tok, "zh")
+    c = corpus(("en", "de", "zh"))
+    stats = record(model, tok, c, tmp_path / "run", RecordConfig(batch_size=4), progress=False)
+    nmap = moe.identify_moe(stats, top_rate=0.1, bar=0.7, lam=0.0, moe=moe.MoeIdentifyConfig(min_routed=5))
+    emap = moe.experts_map(nmap)
+    assert parse_class_sets("experts:specific;specific") == ("experts:specific", "specific")
+    texts = {lang: [e.text for e in c.by_lang[lang][:2]] for lang in c.languages}
+    df = ablation_matrix(model, tok, nmap, texts, neuron_sets=("experts:specific",), control="layer",
+                         control_seeds=(0,), metrics=("nll",), progress=False)
+    real = df[df.neuron_set == "experts:specific"]
+    assert len(real) == 9
+    for lang in c.languages:
+        mask = emap.language_mask(lang, ("specific",))
+        for j in c.languages:
+            row = real[(real.deactivated_lang == lang) & (real.eval_lang == j)].iloc[0]
+            base = perplexity(model, tok, texts[j]).nll
+            if mask.any():
+                with moe.mask_experts(model, mask):
+                    want = perplexity(model, tok, texts[j]).nll
+            else:
+                want = base
+            assert row.ablated == pytest.approx(want, rel=1e-9, abs=1e-12), (lang, j)
+    assert bool(emap.language_mask("zh", ("specific",)).any())  # the planted expert is removed for zh
+    jobs = _plan_jobs(nmap, c.languages, ("experts:specific",), "layer", (0, 1))
+    for job in jobs:
+        if job.neuron_set.startswith("random:"):
+            real_mask = emap.language_mask(job.lang, ("specific",))
+            assert torch.equal(job.mask.sum(1), real_mask.sum(1))
+            excluded = real_mask | emap.selected
+            for layer in range(job.mask.shape[0]):
+                if int((~excluded[layer]).sum()) >= int(real_mask[layer].sum()):  # enough others to draw from
+                    assert not (job.mask[layer] & excluded[layer]).any(), (job.lang, layer)

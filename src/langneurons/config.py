@@ -82,7 +82,9 @@ def parse_class_sets(values: str | Sequence[str] | None) -> tuple[str, ...]:
     for value in [values] if isinstance(values, str) else values:
         for spec in value.split(";"):
             if spec.strip():
-                name = ",".join(parse_classes(spec))
+                # "experts:specific": whole experts of a mixture of experts (router logits masked)
+                prefix = "experts:" if spec.strip().startswith("experts:") else ""
+                name = prefix + ",".join(parse_classes(spec.strip()[len(prefix):]))
                 if name not in out:
                     out.append(name)
     require(bool(out), "--classes is empty; give e.g. specific or 'specific;specific,related'")

@@ -253,10 +253,40 @@ class _Job:
     seed: int | None
     mask: torch.Tensor  # bool [L, N]
     control: str | None = None  # "matched" | "layer" for control rows, None for real sets
+    experts: bool = False  # mask is bool [L, E] of whole experts (MoE: router logits masked)
 
     @property
     def key(self) -> bytes:
-        return mask_key(self.mask)
+        return (b"experts:" if self.experts else b"") + mask_key(self.mask)
+
+
+#: prefix of a neuron set that removes whole experts of a mixture of experts (docs/moe.md)
+EXPERTS_PREFIX = "experts:"
+
+
+def _expert_jobs(nmap: Any, langs: Sequence[str], spec: str, control: str | None,
+                 control_seeds: Sequence[int]) -> list[_Job]:
+    """Jobs of an ``experts:<classes>`` set: a language's experts of those classes (from the
+    routing statistics, `moe.experts_map`) are removed by masking their router logits. The
+    control is random experts with the same count per layer, outside every selected expert (an
+    expert's "activity" is its routing share, which the selection is made on: no finer match)."""
+    from .moe import experts_map
+    from .neurons import parse_classes
+
+    classes = parse_classes(spec[len(EXPERTS_PREFIX):])
+    name = EXPERTS_PREFIX + ",".join(classes)
+    emap = experts_map(nmap)
+    jobs = []
+    for lang in langs:
+        real = emap.language_mask(lang, classes)
+        jobs.append(_Job(name, lang, None, real, experts=True))
+        if control is None:
+            continue
+        for seed in control_seeds:
+            rand = random_control(real, control_seed(seed, lang, name), exclude=real | emap.selected.to(torch.bool),
+                                  strict=False)
+            jobs.append(_Job(f"random:{name}", lang, int(seed), rand, "layer", experts=True))
+    return jobs
 
 
 CONTROLS = ("matched", "layer")
@@ -269,6 +299,9 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
 
     jobs: list[_Job] = []
     for spec in neuron_sets:
+        if spec.startswith(EXPERTS_PREFIX):
+            jobs.extend(_expert_jobs(nmap, langs, spec, control, control_seeds))
+            continue
         classes = parse_classes(spec)
         name = ",".join(classes)
         for lang in langs:
@@ -492,7 +525,13 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                                                                          "baseline pass)"))
         for key, job in unique.items():
             bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
-            with deactivate(model, job.mask, mode=mode, factor=factor, sites=sites) as iv:  # type: ignore[arg-type]
+            if job.experts:
+                from .moe import mask_experts
+
+                patch = mask_experts(model, job.mask)
+            else:
+                patch = deactivate(model, job.mask, mode=mode, factor=factor, sites=sites)  # type: ignore[arg-type]
+            with patch as iv:
                 scored = score_all()
             iv.check_fired()
             for j, res in scored.items():
@@ -850,6 +889,9 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
     det_langs = tuple(sorted(set(detect_languages or DEFAULT_DETECT_LANGUAGES) | set(map(_primary, math_corpus))))
     language_detector(det_langs)  # fail early on languages lingua does not know
     jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
+    if any(job.experts for job in jobs):
+        raise LangNeuronsError("experts: sets are measured by perplexity only (task accuracy under masked experts "
+                               "is not supported yet); drop them from --classes with --metric accuracy")
     unique = _distinct_masks(jobs)
     from tqdm.auto import tqdm
 

@@ -252,3 +252,18 @@ def test_ablate_refuses_a_map_made_for_another_model(setup, tmp_path, capsys):
         main(["ablate", str(out), "--model", str(other), "--control", "layer", "--no-progress", "--device", "cpu"])
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "another model" in err[0]
+
+
+def test_ablations_of_other_languages_accumulate(setup, capsys):
+    """Rows are replaced by key, not by set: `ablate --langs de,en` then `--langs ru,zh` keeps both."""
+    model, corpus, _, out = setup
+    _run(model, corpus, out, "--skip-ablation")
+    for langs in ("de,en", "ru,zh"):
+        main(["ablate", str(out), "--classes", "related", "--control", "none", "--langs", langs, "--metric", "nll",
+              "--no-progress", "--device", "cpu"])
+    df = pd.read_parquet(out / "ablation.parquet")
+    assert set(df[df.neuron_set == "related"].deactivated_lang) == {"de", "en", "ru", "zh"}
+    capsys.readouterr()
+    main(["ablate", str(out), "--classes", "related", "--control", "none", "--langs", "de,en", "--metric", "nll",
+          "--no-progress", "--device", "cpu"])
+    assert "[ablate] up to date, skipped" in capsys.readouterr().out

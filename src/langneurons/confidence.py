@@ -811,12 +811,20 @@ def _write_parquet(path: Path, df: Any) -> Path:
 
 
 def run_stability(run_dir: str | Path, *, resamples: int = 200, method: str | None = None, lam: str | float = "run",
-                  seed: int = 0, core: float = 0.9, progress: bool = True) -> StabilityResult:
+                  seed: int = 0, core: float = 0.9, progress: bool = True,
+                  skip_if_fresh: bool = False) -> StabilityResult | None:
     """`langneurons stability RUN_DIR`: bootstrap stability, written to stability.parquet,
     stability_languages.parquet, the manifest's ``stability`` stage record and, when the run's neuron
     map is the selection analysed (same method, parameters and stats), its extras
     ``selection_freq`` (float32 [L, N]) and ``stable_core`` (bool [L, N])."""
     run, stats, spec, nmap = _run_context(run_dir, method, lam)
+    if skip_if_fresh:  # `langneurons run --stability N` again: the same resamples of the same stats
+        from .stage import is_fresh
+
+        inputs = {"identify": spec.describe(), "stats_fingerprint": stats.fingerprint(), "resamples": resamples,
+                  "seed": seed, "core": core}
+        if is_fresh(run, "stability", inputs):
+            return None
     res = stability(stats, spec, resamples=resamples, seed=seed, core=core, progress=progress)
     _write_parquet(run.path / STABILITY_FILE, res.neuron_table())
     _write_parquet(run.path / STABILITY_LANG_FILE, res.language_table())

@@ -229,7 +229,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Path:
     if cfg.stability:
         from .confidence import run_stability
 
-        timer.run("stability", lambda: run_stability(run.path, resamples=cfg.stability, progress=cfg.progress), echo)
+        timer.run("stability", lambda: run_stability(run.path, resamples=cfg.stability, progress=cfg.progress,
+                                                          skip_if_fresh=not cfg.force), echo)
 
     if not cfg.skip_ablation:
         stage = AblationStage(run, cfg.ablation_config(), nmap=nmap, eval_corpus=eval_corpus.by_lang, by="run")

@@ -804,6 +804,10 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     if is_moe(model):  # neurons inside experts: per-expert denominators and router statistics
         from .moe import record_moe
 
+        if counted is not None:
+            raise LangNeuronsError("counting during generation is not supported for mixture-of-experts models; "
+                                   "use --counting pass")
+
         return record_moe(model, tokenizer, corpus, out, config, model_id=model_id, model_fingerprint=model_fingerprint,
                           force=force, progress=progress, redo_stale=redo_stale, by=by)
     config = (config or RecordConfig()).validate()

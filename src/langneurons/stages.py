@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import AblationConfig, IdentifyConfig
+from .config import PPL_METRICS, AblationConfig, IdentifyConfig
 from .corpus import Corpus, Example
 from .errors import LangNeuronsError, NeuronMapError
 from .io import atomic_write, atomic_write_text
@@ -206,8 +206,10 @@ class AnatomyStage(Stage[Any]):
 ROW_KEY = ("metric", "neuron_set", "deactivated_lang", "eval_lang", "seed")
 #: columns that say what a row was computed from: a row is current only if they match the plan
 PROVENANCE = ("neurons_sha256",  # NeuronMap.fingerprint() of the map the rows were computed with
-              "model_fingerprint", "eval_sha256", "scope", "control", "control_bins", "bootstrap",
-              "mode", "positions", "max_length",
+              "model_fingerprint", "dtype", "eval_sha256", "scope",
+              "control_plan",  # the control kind of the computation (the per-row `control` says which row is one)
+              "control_bins", "bootstrap", "mode", "positions", "max_length",
+              "prompt",  # accuracy: chat + prompt template (a hash); "" for perplexity rows
               "ppl_style")  # token-weighted NLL or the paper's mean of document means ("none": accuracy rows)
 
 
@@ -295,6 +297,11 @@ class AblationStage:
                 texts = _limit(_select(corp.by_lang, cfg.langs, self.nmap.languages, str(path)), cfg.max_examples)
         return texts, problems
 
+    def dtype(self) -> str:
+        """The dtype the rows are computed in (asked for, else the run's)."""
+        info = self.run.read_manifest().get("model") or {}
+        return str(self.config.model.dtype or info.get("dtype") or "float32")
+
     def provenance(self, family: str, model_fingerprint: str | None) -> dict[str, Any]:
         cfg = self.config
         ppl = family == "ppl"
@@ -304,12 +311,21 @@ class AblationStage:
             examples = [e for v in (corpus or {}).values() for e in v]
             scope = "response" if examples and all(getattr(e, "is_pair", False) for e in examples) else "all"
         return {"neurons_sha256": self.neurons_sha256, "model_fingerprint": model_fingerprint or "",
-                "eval_sha256": texts_fingerprint(corpus or {}), "scope": scope if ppl else "generate",
-                "control": cfg.control, "control_bins": cfg.control_bins if cfg.control == "matched" else 0,
+                "dtype": self.dtype(),
+                "scope": scope if ppl else "generate",
+                "control_plan": cfg.control, "control_bins": cfg.control_bins if cfg.control == "matched" else 0,
+                "prompt": "" if ppl else input_key([cfg.chat, cfg.prompt_template])[:12],
                 "bootstrap": cfg.bootstrap if ppl else 0, "mode": "zero",
                 "positions": "all" if ppl else cfg.positions,
                 "max_length": cfg.max_length or 0 if ppl else cfg.max_new_tokens,
                 "ppl_style": cfg.ppl_style if ppl else "none"}
+
+    def eval_fingerprints(self, family: str) -> dict[str, str]:
+        """Per evaluated language, the fingerprint of its texts (the rows' ``eval_sha256``): a
+        row stays valid as long as ITS language's texts are unchanged, whichever other languages
+        an ablation evaluated with it."""
+        corpus = (self.texts if family == "ppl" else self.problems) or {}
+        return {lang: texts_fingerprint({lang: exs}) for lang, exs in corpus.items()}
 
     def _metric_names(self, family: str) -> tuple[str, ...]:
         return self.config.ppl_metrics if family == "ppl" else ("accuracy", "number_accuracy", "language_accuracy")
@@ -326,6 +342,8 @@ class AblationStage:
         ok = old
         for col, want in prov.items():
             ok = ok[ok[col].astype(str) == str(want)]
+        fps = self.eval_fingerprints(family)
+        ok = ok[ok["eval_sha256"].astype(str) == ok["eval_lang"].map(fps).astype(str)]
         eval_langs = list((self.texts if family == "ppl" else self.problems) or {})
         stale = []
         for nset in self.config.sets:
@@ -381,6 +399,7 @@ class AblationStage:
             df, st = self._compute(loaded, family, stale[family], echo)
             for col, value in self.provenance(family, fp).items():
                 df[col] = value
+            df["eval_sha256"] = df["eval_lang"].map(self.eval_fingerprints(family))
             frames.append(df)
             match = st.pop("control_match", None) or []
             if match:  # one entry per set x language x seed: keep the shortfalls only
@@ -470,7 +489,8 @@ class AblationStage:
 
         new = documents_frame(rows)
         new["neurons_sha256"] = self.neurons_sha256
-        new["eval_sha256"] = texts_fingerprint(self.texts or {})
+        fps = self.eval_fingerprints("ppl")
+        new["eval_sha256"] = new["eval_lang"].map(fps)
         path = self.run.path / DOCS_FILE
         old = None
         if path.exists() and not self.config.force:
@@ -479,10 +499,16 @@ class AblationStage:
             except Exception:  # noqa: BLE001 - a damaged per-document file is recomputed, never read
                 old = None
         if old is not None and {"neurons_sha256", "eval_sha256"} <= set(old.columns):
-            same = (old["neurons_sha256"] == self.neurons_sha256) & (old["eval_sha256"] == new["eval_sha256"].iloc[0]) \
-                if len(new) else old["neurons_sha256"] == self.neurons_sha256
-            base = old["neuron_set"].astype(str).str.removeprefix("random:")
-            keep = old[same & ~base.isin(set(sets) | set(map(str, new["neuron_set"].unique())))]
+            # documents of this map whose language's texts are unchanged (or were not evaluated now)
+            changed = old["eval_lang"].isin(list(fps)) & (old["eval_sha256"] != old["eval_lang"].map(fps))
+            same = (old["neurons_sha256"] == self.neurons_sha256) & ~changed
+            doc_key = ["neuron_set", "deactivated_lang", "seed", "eval_lang", "doc"]
+
+            def keys(df: Any) -> Any:
+                return _joined(df, doc_key)
+
+            keep = old[same]
+            keep = keep[~keys(keep).isin(set(keys(new)))] if len(keep) else keep
             new = pd.concat([keep, new], ignore_index=True)
         atomic_write(path, lambda p: new.to_parquet(p, index=False))
         self._documents_path = path
@@ -494,8 +520,10 @@ class AblationStage:
                    "neuron_sets": sorted(set(str(s) for s in df["neuron_set"] if not str(s).startswith("random:"))),
                    "control": cfg.control, "control_seeds": list(cfg.control_seeds) if cfg.control != "none" else [],
                    "control_bins": cfg.control_bins if cfg.control == "matched" else None,
-                   "languages": self.langs, "scope": cfg.scope, "batch_size": cfg.batch_size,
-                   "bootstrap": cfg.bootstrap, "mode": "zero", "ppl_style": cfg.ppl_style,
+                   "languages": self.langs, "batch_size": cfg.batch_size, "mode": "zero",
+                   # what the perplexity rows in the table were computed with (not this call's settings,
+                   # which may have computed only accuracy)
+                   **_table_settings(df),
                    "eval_corpus": None if cfg.eval_corpus is None else str(cfg.eval_corpus),
                    "math_corpus": None if cfg.math_corpus is None else str(cfg.math_corpus),
                    "passes": sum(int(s.get("passes", s.get("generation_cells", 0))) for s in info.values()),
@@ -511,22 +539,57 @@ class AblationStage:
         commit_stage(self.run, self.name, inputs, outputs, section, seconds, by=self.by)
 
 
+def _joined(df: Any, cols: list[str]) -> Any:
+    """One string per row of the given columns (a hashable key; missing values as "<NA>")."""
+    import pandas as pd
+
+    if not len(df):
+        return pd.Series([], dtype=object, index=df.index)
+    return df[cols].apply(lambda row: "|".join("<NA>" if pd.isna(v) else str(v) for v in row), axis=1)
+
+
+def _table_settings(df: Any) -> dict[str, Any]:
+    """scope / bootstrap / ppl_style of the table's perplexity rows (one value each after a merge)."""
+    ppl = df[df["metric"].isin(PPL_METRICS)] if "metric" in df.columns else df.iloc[0:0]
+    out: dict[str, Any] = {}
+    for col, cast in (("scope", str), ("bootstrap", int), ("ppl_style", str)):
+        values = sorted(set(ppl[col].dropna())) if col in ppl.columns else []
+        out[col] = cast(values[0]) if len(values) == 1 else (None if not values else [cast(v) for v in values])
+    return out
+
+
 def merge_rows(old: Any, new: Any, neurons_sha256: str) -> Any:
-    """``old`` rows that are still valid (made with this neuron map) and not replaced by a ``new``
-    row with the same `ROW_KEY`; a recomputed neuron set also replaces its old control rows of the
-    same metric (they were drawn against the old evaluation)."""
+    """``old`` rows that are still valid, plus ``new``. An old row goes when a new row has its
+    `ROW_KEY`, when it was made with another neuron map, or when it belongs to a metric family that
+    was just recomputed (perplexity metrics / task-accuracy metrics) with other `PROVENANCE`
+    (another evaluation text, model, dtype, style ...): one table never mixes two evaluations of a
+    family. Rows of other languages, sets and seeds with the same provenance are kept."""
     import pandas as pd
 
     if old is None or not len(old):
         return new.reset_index(drop=True)
-    keep = old
-    if "neurons_sha256" in keep.columns:
-        keep = keep[keep["neurons_sha256"].astype(str) == neurons_sha256]
-    else:  # rows of a version without provenance cannot be trusted to match this map
-        keep = keep.iloc[0:0]
-    base_sets = {str(x).removeprefix("random:") for x in new["neuron_set"]}
-    old_base = keep["neuron_set"].astype(str).str.removeprefix("random:")
-    keep = keep[~(keep["metric"].isin(set(new["metric"])) & old_base.isin(base_sets))]
+    if not {"neurons_sha256", *ROW_KEY} <= set(old.columns):
+        return new.reset_index(drop=True)  # rows without provenance cannot be trusted to match this map
+    keep = old[old["neurons_sha256"].astype(str) == neurons_sha256]
+
+    def keys(df: Any) -> Any:
+        return _joined(df, list(ROW_KEY))
+
+    keep = keep[~keys(keep).isin(set(keys(new)))]
+    prov_cols = [c for c in PROVENANCE if c in new.columns and c in keep.columns and c != "eval_sha256"]
+    for family in (PPL_METRICS, ("accuracy", "number_accuracy", "language_accuracy")):
+        fresh = new[new["metric"].isin(family)]
+        if not len(fresh) or not prov_cols:
+            continue
+        current = set(_joined(fresh, prov_cols))
+        in_family = keep["metric"].isin(family)
+        same = _joined(keep, prov_cols).isin(current) if len(keep) else in_family
+        keep = keep[~in_family | same]
+        if "eval_sha256" in fresh.columns and "eval_sha256" in keep.columns and len(keep):
+            # an evaluated language whose texts changed: its old rows of this family go
+            now = dict(zip(fresh["eval_lang"], fresh["eval_sha256"]))
+            other_text = keep["eval_lang"].isin(list(now)) & (keep["eval_sha256"] != keep["eval_lang"].map(now))
+            keep = keep[~(keep["metric"].isin(family) & other_text)]
     if not len(keep):
         return new.reset_index(drop=True)
     return pd.concat([keep, new], ignore_index=True)
@@ -639,6 +702,9 @@ class SteerStage(Stage[Any]):
             if not source or not holdout or not Path(source).exists():
                 raise LangNeuronsError("the run names no corpus for the DiffMean residuals (its split stage has no "
                                        "source); pass --methods neurons,random or give resid_docs from Python")
+            if split.get("kind") not in ("text", "qa", "auto", None):
+                raise LangNeuronsError(f"steering reads parallel texts, but this run's corpus is a {split.get('kind')} "
+                                       "(run --task); steer a run made from a parallel corpus (--corpus)")
             corpus = load_corpus(source, sorted(set(self.sources) | set(self.targets)), kind=split.get("kind") or "text")
             self._resid_docs = corpus.split(float(holdout))[0].by_lang
         need = set(self.sources) | set(self.targets)

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .corpus import check_language_name
 from .errors import StatsError
@@ -614,16 +614,19 @@ def merge_runs(inputs: Sequence[str | Path], out: str | Path) -> ActivationStats
         raise StatsError(f"cannot write the merge to {out} ({exc.strerror or exc}); check free space and "
                          "permissions") from None
     first_manifest = read_manifest_checked(RunDir(inputs[0])) if Path(inputs[0]).is_dir() else {}
-    extra: dict[str, Any] = {"languages": list(result.languages), "merged_from": [str(p) for p in inputs],
-                             "record": {"scope": result.meta.get("scope"),
-                                        "tokens": dict(zip(result.languages, result.tokens.tolist())),
-                                        "shard": None,
-                                        "shards": {p.lang: p.meta.get("shards") for p in merged},
-                                        "shards_missing": {p.lang: p.meta.get("shards_missing") for p in merged
-                                                           if p.meta.get("shards_missing")}}}
+    extra: dict[str, Any] = {"languages": list(result.languages), "merged_from": [str(p) for p in inputs]}
     if isinstance(first_manifest.get("model"), dict):
         extra["model"] = first_manifest["model"]
     run.update_manifest(extra)
+    from .stage import commit_stage
+
+    # the merged counts are this run's `record` stage (the report, package and cost estimate read it)
+    commit_stage(run, "record", {"merged_from": [str(p) for p in inputs], "stats_fingerprint": result.fingerprint()},
+                 [run.stats_path(p.lang) for p in merged],
+                 {"scope": result.meta.get("scope"), "tokens": dict(zip(result.languages, result.tokens.tolist())),
+                  "shard": None, "shards": {p.lang: p.meta.get("shards") for p in merged},
+                  "shards_missing": {p.lang: p.meta.get("shards_missing") for p in merged if p.meta.get("shards_missing")}},
+                 0.0, by="merge")
     return result
 
 

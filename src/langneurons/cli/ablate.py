@@ -23,8 +23,8 @@ def ablate(
     control_seeds: str = typer.Option("0,1,2", help="Seeds of the random control (one row per seed)."),
     control_bins: int = typer.Option(20, help="Activity strata per layer of the matched control."),
     metric: str = typer.Option("nll,ppl,bpb", help="Comma list of nll, ppl, bpb, accuracy."),
-    eval_corpus: Optional[Path] = typer.Option(None, help="Held-out texts per language (default: the run.s "
-                                               "record.eval_corpus); an MGSM path when only accuracy is asked."),
+    eval_corpus: Optional[Path] = typer.Option(None, help="Held-out texts per language (default: the run's "
+                                               "eval_corpus.jsonl); an MGSM path when only accuracy is asked."),
     math_corpus: Optional[Path] = typer.Option(None, help="MGSM-style problems for --metric accuracy "
                                                "(mgsm_<lang>.tsv, JSON or JSONL) when perplexity is also asked."),
     langs: Optional[str] = typer.Option(None, help="Comma list of languages (rows and columns; default: the "

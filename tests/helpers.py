@@ -40,6 +40,22 @@ def cli_error(argv, capsys) -> str:
     return lines[0]
 
 
+def class_rule(active, selected):
+    """The documented class rule written out case by case (an oracle independent of src):
+    codes 1 specific, 2 related, 3 general (any neuron active in all K), 4 unassigned; returns
+    (classes int8 [L, N], active kept only where it is defined: selected or general)."""
+    import torch
+
+    K = active.shape[0]
+    n_act = active.sum(0)
+    classes = torch.zeros(selected.shape, dtype=torch.int8)
+    classes[selected & (n_act == 0)] = 4
+    classes[selected & (n_act == 1)] = 1
+    classes[selected & (n_act >= 2) & (n_act < K)] = 2
+    classes[n_act == K] = 3
+    return classes, active & (selected | (n_act == K)).unsqueeze(0)
+
+
 def write_sample_corpus(directory: Path, repeat: int = 3) -> Path:
     """A <lang>.txt corpus of the tiny tokenizer's sample sentences (each repeated)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -48,4 +64,4 @@ def write_sample_corpus(directory: Path, repeat: int = 3) -> Path:
     return directory
 
 
-__all__ = ["message_lines", "run_cli", "cli_error", "write_sample_corpus", "pytest"]
+__all__ = ["message_lines", "run_cli", "cli_error", "class_rule", "write_sample_corpus", "pytest"]

@@ -79,14 +79,10 @@ def random_map(K: int = 5, L: int = 6, N: int = 40, seed: int = 0) -> NeuronMap:
     p = torch.rand(K, L, N, generator=g) ** 2
     active = p > 0.55
     active[:, :, :3] = True  # some neurons active everywhere (general)
-    n_act = active.sum(0)
     selected = torch.rand(L, N, generator=g) < 0.4
-    classes = torch.zeros(L, N, dtype=torch.int8)
-    classes[selected & (n_act == 1)] = SPECIFIC
-    classes[selected & (n_act >= 2) & (n_act < K)] = RELATED
-    classes[n_act == K] = GENERAL
-    classes[selected & (n_act == 0)] = UNASSIGNED
-    active = active & (selected | (n_act == K)).unsqueeze(0)
+    from helpers import class_rule
+
+    classes, active = class_rule(active, selected)
     return NeuronMap(["en", "de", "zh", "ru", "fr"][:K], classes, active, selected, None, {"model": "m"})
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import run_cli
+from helpers import class_rule, run_cli
 import torch
 
 from langneurons.cli import main
@@ -38,15 +38,8 @@ ENTROPY_META = {"method": "entropy-lambda", "params": {"top_rate": 0.1, "bar": 0
 
 # -- helpers --------------------------------------------------------------------------------------
 def classify(active: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classes by the documented rule (written out per case), and active kept where it is defined."""
-    K = active.shape[0]
-    n_act = active.sum(0)
-    classes = torch.zeros(selected.shape, dtype=torch.int8)
-    classes[selected & (n_act == 0)] = CLASS_CODE["unassigned"]
-    classes[selected & (n_act == 1)] = CLASS_CODE["specific"]
-    classes[selected & (n_act >= 2) & (n_act < K)] = CLASS_CODE["related"]
-    classes[n_act == K] = CLASS_CODE["general"]
-    return classes, active & (selected | (n_act == K)).unsqueeze(0)
+    """Classes by the documented rule (the shared oracle) and active kept where it is defined."""
+    return class_rule(active, selected)
 
 
 def random_map(langs=LANGS, L=3, N=40, seed=0, p_active=0.3, p_general=0.1, p_sel=0.4, empty=(),

@@ -22,7 +22,7 @@ from langneurons.errors import StatsError
 from langneurons.models import load_model
 from langneurons.record import RecordConfig, Recorder, record
 from langneurons.stats import ActivationStats, LanguageStats, load_language_stats, merge_runs
-from tiny import SAMPLE_TEXTS, save_tiny
+from tiny import SAMPLE_TEXTS, dying_forward, save_tiny
 
 LANGS = ("de", "en", "ru", "zh")
 
@@ -63,19 +63,6 @@ def reference(saved, loaded, tmp_path_factory) -> ActivationStats:
                   model_fingerprint=loaded.fingerprint, progress=False)
 
 
-def _dying_forward(body, after: int):
-    real = type(body).forward
-    seen = {"n": 0}
-
-    def forward(self, *a, **k):
-        seen["n"] += 1
-        if seen["n"] > after:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    return real, forward
-
-
 def test_ddp_two_gloo_processes_equal_single_process(saved, loaded, reference, tmp_path, monkeypatch):
     """torchrun, 2 CPU ranks on gloo: counts equal the single-process run, and resume works per rank.
 
@@ -96,7 +83,7 @@ def test_ddp_two_gloo_processes_equal_single_process(saved, loaded, reference, t
     monkeypatch.setattr(record_mod, "_dist", lambda: (1, 2))
     rec = Recorder(loaded.model, loaded.tokenizer, cfg)
     rec.identity = record_mod.partial_identity(loaded.fingerprint, "float32", rec.sites.hook_point)
-    real, dying = _dying_forward(rec.body, after=2)
+    real, dying = dying_forward(rec.body, 3, and_after=True)  # calls 3, 4 ... die
     monkeypatch.setattr(type(rec.body), "forward", dying)
     partial_ru = run / "stats" / ".partial" / "ru.rank1.safetensors"
     with pytest.raises(KeyboardInterrupt):

@@ -92,15 +92,16 @@ def save_tiny(path: Path, family: str = "llama", seed: int = 0) -> Path:
     return path
 
 
-def dying_forward(module: torch.nn.Module, call: int):
+def dying_forward(module: torch.nn.Module, call: int, *, and_after: bool = False):
     """(real_forward, replacement) for ``type(module).forward`` that raises KeyboardInterrupt on
-    its ``call``-th call: an interrupted run (Ctrl-C, preemption) at a known batch."""
+    its ``call``-th call (and every later one with ``and_after``): an interrupted run (Ctrl-C,
+    preemption) at a known batch."""
     real_forward = type(module).forward
     seen = {"n": 0}
 
     def forward(self, *a, **k):
         seen["n"] += 1
-        if seen["n"] == call:
+        if seen["n"] == call or (and_after and seen["n"] > call):
             raise KeyboardInterrupt
         return real_forward(self, *a, **k)
 

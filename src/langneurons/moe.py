@@ -395,16 +395,9 @@ def record_moe(model: nn.Module, tokenizer: Any, corpus: Any, out: str | Path, c
     }
     torch.manual_seed(config.seed)
 
-    def check_run_dir() -> None:
-        if run.path.exists() and not run.path.is_dir():
-            raise StatsError(f"--out {out} is a file, not a run directory; give a directory")
-        manifest = read_manifest_checked(run)
-        old = manifest.get("model", {}).get("model_fingerprint") if isinstance(manifest.get("model"), dict) else None
-        if old and old != base_meta["model_fingerprint"] and not force:
-            raise StatsError(f"{out} holds a run of another model ({manifest['model'].get('model')}); "
-                             "use another --out or --force")
+    from .record import check_run_dir
 
-    distributed.agree(check_run_dir)
+    distributed.agree(lambda: check_run_dir(run, base_meta["model_fingerprint"], force))
     parts: list[LanguageStats] = []
     speed = [0, 0.0]
     for lang in corpus.languages:

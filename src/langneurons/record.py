@@ -834,16 +834,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
     }
     torch.manual_seed(config.seed)
 
-    def check_run_dir() -> None:
-        if run.path.exists() and not run.path.is_dir():
-            raise StatsError(f"--out {out} is a file, not a run directory; give a directory")
-        manifest = read_manifest_checked(run)
-        old_model = manifest.get("model", {}).get("model_fingerprint") if isinstance(manifest.get("model"), dict) else None
-        if old_model and old_model != base_meta["model_fingerprint"] and not force:
-            raise StatsError(f"{out} holds a run of another model ({manifest['model'].get('model')}); "
-                             "use another --out or --force")
-
-    distributed.agree(check_run_dir)
+    distributed.agree(lambda: check_run_dir(run, base_meta["model_fingerprint"], force))
     recorder.identity = partial_identity(base_meta["model_fingerprint"], base_meta["dtype"], base_meta["hook_point"])
     parts: list[LanguageStats] = []
     speed = [0, 0.0]  # counted tokens and seconds of the languages counted in this call
@@ -936,6 +927,18 @@ def _taken_counts(counted: Mapping[str, LanguageStats], lang: str, recorder: Rec
         raise StatsError(f"{lang}: the counts made during generation have no activation sums")
     return LanguageStats(lang, stats.positive.to(torch.int64), int(stats.tokens), stats.sums, {},
                          stats.bucket_positive, stats.bucket_tokens, stats.bucket_docs)
+
+
+def check_run_dir(run: RunDir, model_fingerprint: str, force: bool) -> None:
+    """Refuse an --out that is a file, or a run directory of another model (unless --force):
+    its stats would be mixed with or silently replaced by this model's."""
+    if run.path.exists() and not run.path.is_dir():
+        raise StatsError(f"--out {run.path} is a file, not a run directory; give a directory")
+    manifest = read_manifest_checked(run)
+    old_model = manifest.get("model", {}).get("model_fingerprint") if isinstance(manifest.get("model"), dict) else None
+    if old_model and old_model != model_fingerprint and not force:
+        raise StatsError(f"{run.path} holds a run of another model ({manifest['model'].get('model')}); "
+                         "use another --out or --force")
 
 
 def record_in_processes(model_cfg: Any, corpus: Corpus, out: str | Path, config: RecordConfig, *,

@@ -82,7 +82,8 @@ def test_sigkill_mid_language_resumes_to_identical_counts(model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"en: resuming after batch {done} of {len(en)}" in resumed.stderr
     assert "de: already recorded" in resumed.stderr
-    assert not (run / "stats" / ".partial").exists()  # partial files and killed writes' temporaries gone
+    partial_dir = run / "stats" / ".partial"  # partial files and killed writes' temporaries gone
+    assert not partial_dir.exists(), (sorted(p.name for p in partial_dir.iterdir()), resumed.stderr[-2000:])
 
     loaded = load_model(model_dir, device="cpu")
     # counts do not depend on the batch size (test_same_inputs_same_stats_whatever_the_batch_size)
@@ -445,3 +446,24 @@ def test_out_is_a_file_and_disk_full_are_one_line(model_dir, tmp_path, capsys, m
     main(record_argv(c, tmp_path / "r", model=str(model_dir)))  # the rerun keeps de and records en
     assert "de: already recorded" in caplog.text
     assert ActivationStats.load(tmp_path / "r").languages == ["de", "en"]
+
+
+def test_a_finished_record_leaves_only_other_languages_partials(tmp_path):
+    """After a successful record, .partial/ keeps only partial counts of languages that were not
+    recorded now (a later run may resume them); temporaries and anything else go."""
+    from langneurons.record import _remove_leftovers  # noqa: PLC2701 - the cleanup itself
+
+    d = tmp_path / "stats" / ".partial"
+    d.mkdir(parents=True)
+    names = ["en.safetensors", "en.rank1.safetensors", ".en.safetensors.abc.tmp", "fr.safetensors",
+             "fr.rank0.safetensors", "stray.bin"]
+    for n in names:
+        (d / n).write_bytes(b"x")
+    (tmp_path / "stats" / ".de.safetensors.x1.tmp").write_bytes(b"x")
+    _remove_leftovers(tmp_path / "stats", ["en", "de"])
+    assert sorted(p.name for p in d.iterdir()) == ["fr.rank0.safetensors", "fr.safetensors"]
+    assert not (tmp_path / "stats" / ".de.safetensors.x1.tmp").exists()
+    for p in list(d.iterdir()):
+        p.unlink()
+    _remove_leftovers(tmp_path / "stats", ["en"])
+    assert not d.exists()

@@ -463,7 +463,7 @@ def test_matched_control_says_when_a_stratum_is_too_small():
 @pytest.mark.filterwarnings("ignore:matched control")  # small strata on purpose: sets of 20 in 48
 def test_the_matrix_controls_are_disjoint_with_the_same_per_layer_counts():
     """Issue 19 item 12: the controls the matrix actually runs (both kinds) exclude the real set."""
-    from langneurons.evaluate import _plan_jobs
+    from langneurons.evaluate import plan_jobs
     from langneurons.neurons import SPECIFIC, NeuronMap
 
     L, N = 2, 48
@@ -476,7 +476,7 @@ def test_the_matrix_controls_are_disjoint_with_the_same_per_layer_counts():
     nmap = NeuronMap(["a", "b"], classes, active, classes > 0)
     act = torch.rand(L, N, generator=torch.Generator().manual_seed(1))
     for kind in ("matched", "layer"):
-        jobs = _plan_jobs(nmap, ["a", "b"], ("specific",), kind, (0, 1, 2), act, 4)
+        jobs = plan_jobs(nmap, ["a", "b"], ("specific",), kind, (0, 1, 2), act, 4)
         real = {j.lang: j.mask for j in jobs if j.control is None}
         ctrl = [j for j in jobs if j.control is not None]
         assert len(ctrl) == 6 and {j.control for j in ctrl} == {kind}

@@ -597,7 +597,7 @@ def test_whole_expert_sets_in_the_ablation_matrix(tok, tmp_path):
     ablation matrix: each cell equals a perplexity computed by hand under moe.mask_experts, and
     its control draws the same number of other experts per layer, outside every selected one."""
     from langneurons.config import parse_class_sets
-    from langneurons.evaluate import _plan_jobs, ablation_matrix, perplexity
+    from langneurons.evaluate import plan_jobs, ablation_matrix, perplexity
 
     model, _ = planted_model(tok, "zh")
     c = corpus(("en", "de", "zh"))
@@ -622,7 +622,7 @@ def test_whole_expert_sets_in_the_ablation_matrix(tok, tmp_path):
                 want = base
             assert row.ablated == pytest.approx(want, rel=1e-9, abs=1e-12), (lang, j)
     assert bool(emap.language_mask("zh", ("specific",)).any())  # the planted expert is removed for zh
-    jobs = _plan_jobs(nmap, c.languages, ("experts:specific",), "layer", (0, 1))
+    jobs = plan_jobs(nmap, c.languages, ("experts:specific",), "layer", (0, 1))
     for job in jobs:
         if job.neuron_set.startswith("random:"):
             real_mask = emap.language_mask(job.lang, ("specific",))
@@ -631,3 +631,63 @@ def test_whole_expert_sets_in_the_ablation_matrix(tok, tmp_path):
             for layer in range(job.mask.shape[0]):
                 if int((~excluded[layer]).sum()) >= int(real_mask[layer].sum()):  # enough others to draw from
                     assert not (job.mask[layer] & excluded[layer]).any(), (job.lang, layer)
+
+
+def test_whole_expert_sets_in_the_multiple_choice_matrix(tok, tmp_path):
+    """Multiple-choice accuracy under `experts:specific`: each question's chosen letter equals
+    the one scored by hand under moe.mask_experts."""
+    from langneurons.choice import ChoiceQuestion, choice_accuracy_matrix, score_choices
+
+    model, _ = planted_model(tok, "zh")
+    c = corpus(("en", "de", "zh"))
+    stats = record(model, tok, c, tmp_path / "run", RecordConfig(batch_size=4), progress=False)
+    nmap = moe.identify_moe(stats, top_rate=0.1, bar=0.7, lam=0.0, moe=moe.MoeIdentifyConfig(min_routed=5))
+    emap = moe.experts_map(nmap)
+    questions = {lang: [ChoiceQuestion(lang, e.text, tuple(x.text for x in c.by_lang[lang][i:i + 3]), 1)
+                        for i, e in enumerate(c.by_lang[lang][:3])] for lang in c.languages}
+    preds: list[dict] = []
+    df = choice_accuracy_matrix(model, tok, nmap, questions, neuron_sets=("experts:specific",), control=None,
+                                progress=False, predictions=preds)
+    assert set(df.metric) == {"choice_accuracy"} and len(df) == 9
+    mask = emap.language_mask("zh", ("specific",))
+    assert mask.any()
+    changed = 0
+    for j in c.languages:
+        with moe.mask_experts(model, mask):
+            want = score_choices(model, tok, questions[j])
+        changed += want.loglik != score_choices(model, tok, questions[j]).loglik
+        got = [p["predicted"] for p in preds if p["neuron_set"] == "experts:specific" and p["deactivated_lang"] == "zh"
+               and p["eval_lang"] == j]
+        assert got == ["ABC"[i] for i in want.predicted]
+        row = df[(df.deactivated_lang == "zh") & (df.eval_lang == j)].iloc[0]
+        assert row.ablated == pytest.approx(want.accuracy)
+    assert changed  # the masked expert changes some scores: the comparison can tell
+
+
+def test_whole_expert_sets_in_the_generated_accuracy_matrix(tok, tmp_path):
+    """MGSM-style accuracy under `experts:specific`: every generation equals greedy decoding by
+    hand under moe.mask_experts (the router is masked at the prompt and at every new token)."""
+    from langneurons.evaluate import MathExample, accuracy_matrix, generate
+
+    model, _ = planted_model(tok, "zh")
+    c = corpus(("en", "de", "zh"))
+    stats = record(model, tok, c, tmp_path / "run", RecordConfig(batch_size=4), progress=False)
+    nmap = moe.identify_moe(stats, top_rate=0.1, bar=0.7, lam=0.0, moe=moe.MoeIdentifyConfig(min_routed=5))
+    mask = moe.experts_map(nmap).language_mask("zh", ("specific",))
+    assert mask.any()
+    problems = {lang: [MathExample(lang, prompt=e.text, response="3", answer="3") for e in c.by_lang[lang][:2]]
+                for lang in c.languages}
+    gens: list[dict] = []
+    changed = 0
+    accuracy_matrix(model, tok, nmap, problems, neuron_sets=("experts:specific",), control=None, progress=False,
+                    max_new_tokens=4, chat=False, generations=gens, langs=["zh"])
+    for j in c.languages:
+        prompts = [e.prompt for e in problems[j]]
+        plain = generate(model, tok, prompts, max_new_tokens=4, chat=False)
+        with moe.mask_experts(model, mask):
+            want = generate(model, tok, prompts, max_new_tokens=4, chat=False)
+        got = [g["output"] for g in gens if g["neuron_set"] == "experts:specific" and g["requested_lang"] == j]
+        assert got == want
+        assert [g["output"] for g in gens if g["neuron_set"] == "none" and g["requested_lang"] == j] == plain
+        changed += want != plain
+    assert changed  # the masked expert changes some generation: the comparison can tell

@@ -745,7 +745,7 @@ def _summary(comp: Comparison, runs: Sequence[RunInput], trained: list[str], tra
     for metric in sorted(set(ms["metric"])):
         m = dict(zip(ms.loc[ms["metric"] == metric, "group"], ms.loc[ms["metric"] == metric, "mean_delta"]))
         hint = (" (lower is better)" if metric in _LOWER_IS_BETTER
-                else " (higher is better)" if metric == "accuracy" else "")
+                else " (higher is better)" if metric in ("accuracy", "choice_accuracy") else "")
         if "trained" in m or "untrained" in m:
             text.append(f"Mean change of {metric}{hint}: {_signed(m.get('trained', math.nan), 3)} for trained vs "
                         f"{_signed(m.get('untrained', math.nan), 3)} for untrained languages.")

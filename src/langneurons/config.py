@@ -19,6 +19,9 @@ from .errors import LangNeuronsError
 DEFAULT_SETS: tuple[str, ...] = ("specific", "specific,related", "specific,related,general")
 #: perplexity-style metrics of the ablation matrix (accuracy is generated, not scored)
 PPL_METRICS: tuple[str, ...] = ("nll", "ppl", "bpb")
+#: task-accuracy metrics of generated answers (MGSM-style) and of multiple-choice questions (Belebele-style)
+ACCURACY_METRICS: tuple[str, ...] = ("accuracy", "number_accuracy", "language_accuracy")
+CHOICE_METRICS: tuple[str, ...] = ("choice_accuracy",)
 #: perplexity styles: token-weighted NLL (default), or the paper's mean over documents of each
 #: document's mean NLL (evaluate.py's docstring, docs/interventions.md)
 PPL_STYLES: tuple[str, ...] = ("token", "paper")
@@ -224,6 +227,7 @@ class AblationConfig:
     metrics: tuple[str, ...] = PPL_METRICS
     eval_corpus: Path | None = None  # held-out texts (default: the run's eval_corpus.jsonl)
     math_corpus: Path | None = None  # task problems for the accuracy metric
+    choice_corpus: str | None = None  # multiple-choice questions (a path or hf:belebele) for choice_accuracy
     langs: list[str] | None = None  # rows and columns (default: the map's languages in the corpus)
     batch_size: int = 8
     scope: str = "auto"
@@ -249,9 +253,10 @@ class AblationConfig:
         require(isinstance(self.control_bins, int) and self.control_bins >= 1,
                 f"--control-bins must be an integer >= 1, got {self.control_bins}")
         self.metrics = tuple(self.metrics)
-        bad = [m for m in self.metrics if m not in PPL_METRICS + ("accuracy",)]
+        bad = [m for m in self.metrics if m not in PPL_METRICS + ("accuracy",) + CHOICE_METRICS]
         require(not bad and bool(self.metrics),
-                f"--metric: unknown {bad or list(self.metrics)!r}; use a comma list of nll, ppl, bpb, accuracy")
+                f"--metric: unknown {bad or list(self.metrics)!r}; use a comma list of nll, ppl, bpb, accuracy, "
+                "choice_accuracy")
         require(self.scope in ("auto", "all", "response"), f"--scope must be auto, all or response, got {self.scope!r}")
         require(self.positions in ("all", "generated"), f"--positions must be 'all' or 'generated', got {self.positions!r}")
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
@@ -267,6 +272,10 @@ class AblationConfig:
             require(self.math_corpus is not None or (self.eval_corpus is not None and not self.ppl_metrics),
                     "--metric accuracy needs task problems: give --math-corpus PATH (or --eval-corpus PATH when "
                     "accuracy is the only metric)")
+        if self.choice_corpus is not None:
+            self.choice_corpus = str(self.choice_corpus)
+        require("choice_accuracy" not in self.metrics or bool(self.choice_corpus),
+                "--metric choice_accuracy needs multiple-choice questions: give --choice-corpus PATH or hf:belebele")
         self.model.validate()
         return self
 

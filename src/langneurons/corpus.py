@@ -469,7 +469,7 @@ HF_PRESETS: dict[str, HfSpec] = {
     "flores": HfSpec("openlanguagedata/flores_plus", "{iso_639_3}_{iso_15924}", "dev", "text",
                      about="FLORES+ (FLORES-200), parallel sentences"),
     "belebele": HfSpec("facebook/belebele", "{iso_639_3}_{iso_15924}", "test", "flores_passage", dedupe=True,
-                       about="Belebele passages (accuracy: `langneurons eval --tasks belebele_<flores>`)"),
+                       about="Belebele passages (accuracy: `ablate --metric choice_accuracy --choice-corpus hf:belebele`)"),
 }
 
 
@@ -488,7 +488,7 @@ def parse_hf_spec(spec: str) -> HfSpec:
     return HfSpec(repo, config or None, split or None)
 
 
-def _load_hf(spec: HfSpec, config: str | None, split: str | None, where: str) -> object:
+def load_hf_split(spec: HfSpec, config: str | None, split: str | None, where: str) -> object:
     """One dataset split: a ``save_to_disk`` directory, else ``datasets.load_dataset`` (the
     datasets cache first; the hub unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
     try:
@@ -564,10 +564,10 @@ def read_hf_corpus(spec: str, langs: Sequence[str] | None = None, *, columns: Co
             config = format_language(hf.config, lang) if hf.config else None
             split = format_language(hf.split, lang) if hf.split else None
             where = f"hf:{hf.repo}:{config or ''}@{split or ''}"
-            by_lang[lang] = _hf_examples(_load_hf(hf, config, split, where), cols, lang, where, prefer, hf.dedupe)
+            by_lang[lang] = _hf_examples(load_hf_split(hf, config, split, where), cols, lang, where, prefer, hf.dedupe)
         return by_lang
     where = f"hf:{hf.repo}:{hf.config or ''}@{hf.split or ''}"
-    ds = _load_hf(hf, hf.config, hf.split, where)
+    ds = load_hf_split(hf, hf.config, hf.split, where)
     single = langs[0] if langs and len(langs) == 1 and cols.lang not in set(ds.column_names) else None  # type: ignore[attr-defined]
     grouped = _group(_hf_examples(ds, cols, single, where, prefer, hf.dedupe))
     if langs:  # a deu_Latn column value answers --langs de (and de answers deu_Latn)

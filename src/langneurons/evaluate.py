@@ -130,7 +130,7 @@ class EvalResult:
 
 
 @dataclass
-class _Doc:
+class ScoredDoc:
     input_ids: list[int]
     scored: list[bool]  # position t is a scored target (predicted from t-1)
     n_bytes: int
@@ -140,14 +140,14 @@ def _as_example(x: Example | str) -> Example:
     return x if isinstance(x, Example) else Example("", text=str(x))
 
 
-def _model_max_length(model: nn.Module, max_length: int | None) -> int:
+def model_max_length(model: nn.Module, max_length: int | None) -> int:
     cfg = model.config
     ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return int(max_length or ctx or 4096)
 
 
 def encode_for_eval(tokenizer: Any, ex: Example | str, scope: EvalScope = "all", max_length: int = 4096,
-                    separator: str = "\n") -> _Doc:
+                    separator: str = "\n") -> ScoredDoc:
     """Token ids, scored-target flags and scored bytes of one example (token roles exactly as
     `record.encode_example` with ``include_special=False``)."""
     ex = _as_example(ex)
@@ -157,7 +157,7 @@ def encode_for_eval(tokenizer: Any, ex: Example | str, scope: EvalScope = "all",
     if scored:
         scored[0] = False  # no predecessor to predict it from
     if not any(scored):
-        return _Doc(enc.input_ids, scored, 0)
+        return ScoredDoc(enc.input_ids, scored, 0)
     text = ex.text if not ex.is_pair else ex.prompt + separator + ex.response  # type: ignore[operator]
     if getattr(tokenizer, "is_fast", False):
         offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
@@ -167,11 +167,11 @@ def encode_for_eval(tokenizer: Any, ex: Example | str, scope: EvalScope = "all",
         n_bytes = len(text[start:end].encode("utf-8"))
     else:  # no offsets: the whole text (a slow tokenizer is only allowed in the 'all' scope)
         n_bytes = len(text.encode("utf-8"))
-    return _Doc(enc.input_ids, scored, n_bytes)
+    return ScoredDoc(enc.input_ids, scored, n_bytes)
 
 
 @torch.inference_mode()
-def _score_docs(model: nn.Module, docs: Sequence[_Doc], *, pad_id: int, batch_size: int, scope: str,
+def score_docs(model: nn.Module, docs: Sequence[ScoredDoc], *, pad_id: int, batch_size: int, scope: str,
                 rows_per_chunk: int = 1024, after_batch: Any = None) -> EvalResult:
     """Summed true-token NLL per document (right padding, length-bucketed batches)."""
     if batch_size < 1:
@@ -216,13 +216,13 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_examples: Sequence[Exa
     prompt/response examples with ``scope="response"``)."""
     if scope not in ("all", "response"):
         raise LangNeuronsError(f"scope must be 'all' or 'response', got {scope!r}")
-    limit = _model_max_length(model, max_length)
+    limit = model_max_length(model, max_length)
     docs = [encode_for_eval(tokenizer, x, scope, limit, separator) for x in texts_or_examples]
     _warn_skipped(docs, scope)
-    return _score_docs(model.eval(), docs, pad_id=tokenizer_pad_id(tokenizer), batch_size=batch_size, scope=scope)
+    return score_docs(model.eval(), docs, pad_id=tokenizer_pad_id(tokenizer), batch_size=batch_size, scope=scope)
 
 
-def _warn_skipped(docs: Sequence[_Doc], scope: str, what: str = "") -> None:
+def _warn_skipped(docs: Sequence[ScoredDoc], scope: str, what: str = "") -> None:
     empty = sum(1 for d in docs if not any(d.scored))
     if empty:
         warnings.warn(f"{what}{empty} example(s) have no {'response ' if scope == 'response' else ''}token to "
@@ -292,7 +292,7 @@ def _expert_jobs(nmap: Any, langs: Sequence[str], spec: str, control: str | None
 CONTROLS = ("matched", "layer")
 
 
-def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], control: str | None,
+def plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], control: str | None,
                control_seeds: Sequence[int], activity: torch.Tensor | None = None, control_bins: int = 20,
                match_info: list[dict] | None = None) -> list[_Job]:
     from .neurons import parse_classes
@@ -337,7 +337,7 @@ def _plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], cont
     return jobs
 
 
-def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
+def distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     """One job per distinct non-empty mask: an empty mask is the baseline, and identical masks
     (e.g. "specific" and "specific,related" for a language without related neurons) run once."""
     unique: dict[bytes, _Job] = {}
@@ -347,7 +347,7 @@ def _distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     return unique
 
 
-def _check_control(control: str | None, activity: torch.Tensor | None = None,
+def check_control(control: str | None, activity: torch.Tensor | None = None,
                    shape: tuple[int, int] | None = None) -> str | None:
     """Normalise the control kind: "matched" (activity-matched, needs ``activity``), "layer"
     (per-layer counts only; "random" is its old name), or None ("none", "")."""
@@ -372,12 +372,12 @@ def plan_passes(nmap: Any, *, langs: Sequence[str] | None = None, neuron_sets: S
                 activity: torch.Tensor | None = None, control_bins: int = 20) -> int:
     """The number of forward passes over the pooled held-out corpus that `ablation_matrix` will
     run with these settings: 1 baseline + one per distinct non-empty mask (cheap: no model)."""
-    control = _check_control(control, activity)
+    control = check_control(control, activity)
     langs = list(langs) if langs else list(nmap.languages)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
-    return 1 + len(_distinct_masks(jobs))
+        jobs = plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
+    return 1 + len(distinct_masks(jobs))
 
 
 def _bootstrap(base: EvalResult, abl: EvalResult, metric: str, n: int, seed: int = 0,
@@ -461,7 +461,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         raise LangNeuronsError(f"unknown metric(s) {bad}; use nll, ppl, bpb (accuracy: accuracy_matrix)")
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
-    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
+    control = check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     missing = [x for x in langs if x not in nmap.languages]
     if missing:
@@ -470,9 +470,9 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         raise CorpusError("the evaluation corpus is empty")
     model = model.eval()
     pad_id = tokenizer_pad_id(tokenizer)
-    limit = _model_max_length(model, max_length)
+    limit = model_max_length(model, max_length)
 
-    docs: dict[str, list[_Doc]] = {}
+    docs: dict[str, list[ScoredDoc]] = {}
     scopes: dict[str, EvalScope] = {}
     for j, items in eval_corpus.items():
         examples = [_as_example(x) for x in items]
@@ -483,8 +483,8 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         _warn_skipped(docs[j], scopes[j], f"{j}: ")
 
     match_info: list[dict] = []
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
-    unique = _distinct_masks(jobs)
+    jobs = plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
+    unique = distinct_masks(jobs)
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -492,7 +492,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     # batches are full (small per-language batches waste most of a CPU's matmul throughput),
     # then the per-document sums are split back by language. Results are identical to
     # per-language passes (right padding: no document sees another).
-    pooled: list[_Doc] = [d for j in eval_corpus for d in docs[j]]
+    pooled: list[ScoredDoc] = [d for j in eval_corpus for d in docs[j]]
     spans: dict[str, tuple[int, int]] = {}
     start = 0
     for j in eval_corpus:
@@ -500,7 +500,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         start += len(docs[j])
 
     def score_all() -> dict[str, EvalResult]:
-        res = _score_docs(model, pooled, pad_id=pad_id, batch_size=batch_size, scope="pooled")
+        res = score_docs(model, pooled, pad_id=pad_id, batch_size=batch_size, scope="pooled")
         out = {}
         for j, (a, b) in spans.items():
             try:
@@ -578,7 +578,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
         if control == "matched":
             stats["control_match"] = match_info
             stats["control_bins"] = control_bins
-    return _frame(rows)
+    return ablation_frame(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,7 +711,7 @@ COLUMNS = ["deactivated_lang", "eval_lang", "neuron_set", "metric", "base", "abl
            "seed", "n_neurons", "ci_low", "ci_high", "n_docs", "n_resamples", "control"]
 
 
-def _frame(rows: list[dict]) -> Any:
+def ablation_frame(rows: list[dict]) -> Any:
     import pandas as pd
 
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -884,15 +884,14 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
     generation is expensive)."""
     sites = locate_activations(model, act_path)
     nmap.check_fits(sites.num_layers, sites.num_neurons)
-    control = _check_control(control, activity, (sites.num_layers, sites.num_neurons))
+    control = check_control(control, activity, (sites.num_layers, sites.num_neurons))
     langs = list(langs) if langs else list(nmap.languages)
     det_langs = tuple(sorted(set(detect_languages or DEFAULT_DETECT_LANGUAGES) | set(map(_primary, math_corpus))))
     language_detector(det_langs)  # fail early on languages lingua does not know
-    jobs = _plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
-    if any(job.experts for job in jobs):
-        raise LangNeuronsError("experts: sets are measured by perplexity only (task accuracy under masked experts "
-                               "is not supported yet); drop them from --classes with --metric accuracy")
-    unique = _distinct_masks(jobs)
+    jobs = plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins)
+    if positions != "all" and any(job.experts for job in jobs):
+        raise LangNeuronsError("experts: sets mask the router at every position; use --positions all with them")
+    unique = distinct_masks(jobs)
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -903,8 +902,17 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
     def run(key: bytes | None, job: _Job | None, j: str) -> None:
         exs = math_corpus[j]
         prompts = [prompt_template.format(question=e.prompt) for e in exs]
-        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
-                        mask=None if job is None else job.mask, positions=positions, act_path=act_path)
+        if job is not None and job.experts:  # whole experts: the router never picks them, at every step
+            from .moe import mask_experts
+
+            with mask_experts(model, job.mask) as iv:
+                outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                chat=chat, act_path=act_path)
+            iv.check_fired()
+        else:
+            outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            chat=chat, mask=None if job is None else job.mask, positions=positions,
+                            act_path=act_path)
         cell = []
         for e, prompt, out in zip(exs, prompts, outs):
             s = score_math(out, e.answer, j, languages=det_langs)
@@ -948,4 +956,4 @@ def accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any, math_corpus: Ma
     if stats is not None:
         stats.update(generation_cells=len(math_corpus) * (1 + len(unique)), reused=len(jobs) - len(unique),
                      seconds=round(time.perf_counter() - t0, 3))
-    return _frame(rows)
+    return ablation_frame(rows)

@@ -53,6 +53,7 @@ class RunConfig:
     ablation_langs: list[str] | None = None  # rows and columns of the matrix (default: all languages)
     eval_tokens_per_lang: int | None = 2000  # held-out tokens per language for the ablation (None: all)
     metrics: tuple[str, ...] = ("nll", "ppl", "bpb")
+    choice_corpus: str | None = None  # multiple-choice questions (hf:belebele, JSONL): adds choice_accuracy rows
     batch_size: int = 8
     max_tokens_per_lang: int | None = None
     max_eval_docs: int | None = None  # cap held-out documents per language
@@ -99,7 +100,8 @@ class RunConfig:
     def ablation_config(self) -> AblationConfig:
         return AblationConfig(sets=self.neuron_sets, control=self.control, control_seeds=self.control_seeds,
                               control_bins=self.control_bins, langs=self.ablation_langs,
-                              metrics=self.metrics, batch_size=self.batch_size, scope=self.scope,
+                              metrics=tuple(self.metrics) + (("choice_accuracy",) if self.choice_corpus else ()),
+                              choice_corpus=self.choice_corpus, batch_size=self.batch_size, scope=self.scope,
                               bootstrap=self.bootstrap, progress=self.progress, force=self.force,
                               model=self.model_config(), ppl_style=self.ppl_style, chat=self.chat,
                               max_new_tokens=self.max_new_tokens)
@@ -325,7 +327,8 @@ def run_task_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pa
                 for qs in questions.values() for q in qs if (q.lang, q.id) in held and q.answer is not None]
         path = run.path / EVAL_QUESTIONS
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        metrics = tuple(dict.fromkeys((*cfg.metrics, "accuracy"))) if rows else cfg.metrics
+        base = cfg.ablation_config().metrics
+        metrics = tuple(dict.fromkeys((*base, "accuracy"))) if rows else base
         if not rows:
             echo("[ablate] the held-out questions have no numeric answers: perplexity only, no accuracy")
         abl = replace(cfg.ablation_config(), metrics=metrics, math_corpus=path if rows else None, scope="all",

@@ -56,6 +56,7 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -906,7 +907,7 @@ def record(model: nn.Module, tokenizer: Any, corpus: Corpus, out: str | Path, co
                                  speed[0] / speed[1] if speed[1] > 0 and speed[0] and counted is None else None)
     distributed.barrier()
     if rank == 0:  # every rank is done writing: clear what killed runs left behind
-        _remove_leftovers(run.stats_dir)
+        _remove_leftovers(run.stats_dir, corpus.languages)
     return result
 
 
@@ -984,14 +985,22 @@ def _remove_partials(stats_dir: Path, lang: str) -> None:
             f.unlink(missing_ok=True)
 
 
-def _remove_leftovers(stats_dir: Path) -> None:
+def _remove_leftovers(stats_dir: Path, finished: Sequence[str] = ()) -> None:
     """Temporary files of writes that a SIGKILL interrupted (atomic_write's ``.<name>.*.tmp``),
-    and the empty partial directory. Only record writes under stats/, so this is safe."""
+    every file of .partial/ except the partial counts of languages not ``finished`` (a later run
+    of those may resume from them), and the then empty partial directory. Only record writes
+    under stats/, so this is safe."""
     partial_dir = stats_dir / ".partial"
     for d in (stats_dir, partial_dir):
         if d.is_dir():
             for tmp in d.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+    if partial_dir.is_dir():
+        for f in partial_dir.iterdir():
+            m = re.fullmatch(r"([^.]+)(\.rank\d+)?\.safetensors", f.name)
+            if f.is_file() and not (m and m.group(1) not in finished):
+                log.debug("removing %s (left by an interrupted run)", f)
+                f.unlink(missing_ok=True)
     try:
         if partial_dir.is_dir() and not any(partial_dir.iterdir()):
             partial_dir.rmdir()

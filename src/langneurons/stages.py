@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import PPL_METRICS, AblationConfig, IdentifyConfig
+from .config import ACCURACY_METRICS, CHOICE_METRICS, PPL_METRICS, AblationConfig, IdentifyConfig
 from .corpus import Corpus, Example
 from .errors import LangNeuronsError, NeuronMapError
 from .io import atomic_write, atomic_write_text
@@ -209,7 +209,7 @@ PROVENANCE = ("neurons_sha256",  # NeuronMap.fingerprint() of the map the rows w
               "model_fingerprint", "dtype", "eval_sha256", "scope",
               "control_plan",  # the control kind of the computation (the per-row `control` says which row is one)
               "control_bins", "bootstrap", "mode", "positions", "max_length",
-              "prompt",  # accuracy: chat + prompt template (a hash); "" for perplexity rows
+              "prompt",  # accuracy: chat + prompt template (a hash); multiple choice: its template; "" for perplexity
               "ppl_style")  # token-weighted NLL or the paper's mean of document means ("none": accuracy rows)
 
 
@@ -266,7 +266,36 @@ class AblationStage:
             raise LangNeuronsError(f"--langs {','.join(unknown)} not in the neuron map ({','.join(self.nmap.languages)})")
         self.langs = list(config.langs or self.nmap.languages)
         self.texts, self.problems = self._read_corpora(eval_corpus)
+        self.choices: dict[str, list[Any]] | None = None
+        if "choice_accuracy" in config.metrics:
+            from .choice import read_choice_questions
+
+            self.choices = read_choice_questions(config.choice_corpus, config.langs or  # type: ignore[arg-type]
+                                                 self._choice_langs(), max_per_lang=config.max_examples)
         self._activity: Any = None
+
+    #: the metric families of the table: each is computed, kept fresh and merged on its own
+    FAMILIES = {"ppl": PPL_METRICS, "acc": ACCURACY_METRICS, "choice": CHOICE_METRICS}
+
+    def _choice_langs(self) -> list[str]:
+        """Without --langs: the map's languages that the questions have (a templated hf: spec loads
+        exactly these)."""
+        from .choice import read_choice_questions
+
+        spec = str(self.config.choice_corpus)
+        if spec.startswith("hf:"):
+            return list(self.nmap.languages)
+        have = read_choice_questions(spec)
+        from .langcodes import same_language
+
+        chosen = [x for x in self.nmap.languages if any(same_language(x, h) for h in have)]
+        if not chosen:
+            raise LangNeuronsError(f"{spec} has none of the neuron map's languages ({','.join(self.nmap.languages)}); "
+                                   f"it has {','.join(have)}")
+        return chosen
+
+    def corpus(self, family: str) -> dict[str, list[Any]] | None:
+        return {"ppl": self.texts, "acc": self.problems, "choice": self.choices}[family]
 
     # -- inputs --------------------------------------------------------------------------------
     def _read_corpora(self, given: Mapping[str, Sequence[Example]] | None
@@ -304,6 +333,14 @@ class AblationStage:
 
     def provenance(self, family: str, model_fingerprint: str | None) -> dict[str, Any]:
         cfg = self.config
+        if family == "choice":
+            from .choice import BELEBELE_TEMPLATE, NO_PASSAGE_TEMPLATE
+
+            return {"neurons_sha256": self.neurons_sha256, "model_fingerprint": model_fingerprint or "",
+                    "dtype": self.dtype(), "scope": "choice", "control_plan": cfg.control,
+                    "control_bins": cfg.control_bins if cfg.control == "matched" else 0,
+                    "prompt": input_key([BELEBELE_TEMPLATE, NO_PASSAGE_TEMPLATE])[:12], "bootstrap": cfg.bootstrap,
+                    "mode": "zero", "positions": "all", "max_length": cfg.max_length or 0, "ppl_style": "none"}
         ppl = family == "ppl"
         corpus = self.texts if ppl else self.problems
         scope = cfg.scope
@@ -324,11 +361,15 @@ class AblationStage:
         """Per evaluated language, the fingerprint of its texts (the rows' ``eval_sha256``): a
         row stays valid as long as ITS language's texts are unchanged, whichever other languages
         an ablation evaluated with it."""
-        corpus = (self.texts if family == "ppl" else self.problems) or {}
+        corpus = self.corpus(family) or {}
+        if family == "choice":
+            from .choice import questions_fingerprint
+
+            return questions_fingerprint(corpus)
         return {lang: texts_fingerprint({lang: exs}) for lang, exs in corpus.items()}
 
     def _metric_names(self, family: str) -> tuple[str, ...]:
-        return self.config.ppl_metrics if family == "ppl" else ("accuracy", "number_accuracy", "language_accuracy")
+        return self.config.ppl_metrics if family == "ppl" else self.FAMILIES[family]
 
     def stale_sets(self, old: Any, family: str, model_fingerprint: str | None) -> list[str]:
         """The neuron sets of the plan whose rows are missing or were computed from other inputs."""
@@ -344,7 +385,7 @@ class AblationStage:
             ok = ok[ok[col].astype(str) == str(want)]
         fps = self.eval_fingerprints(family)
         ok = ok[ok["eval_sha256"].astype(str) == ok["eval_lang"].map(fps).astype(str)]
-        eval_langs = list((self.texts if family == "ppl" else self.problems) or {})
+        eval_langs = list(self.corpus(family) or {})
         stale = []
         for nset in self.config.sets:
             need = {(m, nset, d, e, None) for m in self._metric_names(family) for d in self.langs for e in eval_langs}
@@ -378,7 +419,7 @@ class AblationStage:
         if loaded is None and self.config.model.model:  # another model: its fingerprint decides freshness
             loaded = self.config.model.load(self.run.read_manifest())
         fp = getattr(loaded, "fingerprint", None) or want_fp
-        families = [f for f, todo in (("ppl", self.texts), ("acc", self.problems)) if todo]
+        families = [f for f in self.FAMILIES if self.corpus(f)]
         stale = {f: self.stale_sets(old, f, fp) for f in families}
         if not any(stale.values()):
             echo("[ablate] up to date, skipped")
@@ -451,6 +492,12 @@ class AblationStage:
                                  scope=cfg.scope, max_length=cfg.max_length, bootstrap=cfg.bootstrap,
                                  documents=docs, echo=echo, ppl_style=cfg.ppl_style, **common)
             self._write_documents(docs, sets)
+            return df, st
+        if family == "choice":
+            from .choice import choice_accuracy_matrix
+
+            df = choice_accuracy_matrix(loaded.model, loaded.tokenizer, self.nmap, self.choices,  # type: ignore[arg-type]
+                                        bootstrap=cfg.bootstrap, max_length=cfg.max_length, **common)
             return df, st
         generations: list[dict] = []
         df = accuracy_matrix(loaded.model, loaded.tokenizer, self.nmap, self.problems, max_new_tokens=cfg.max_new_tokens,
@@ -526,6 +573,7 @@ class AblationStage:
                    **_table_settings(df),
                    "eval_corpus": None if cfg.eval_corpus is None else str(cfg.eval_corpus),
                    "math_corpus": None if cfg.math_corpus is None else str(cfg.math_corpus),
+                   "choice_corpus": cfg.choice_corpus,
                    "passes": sum(int(s.get("passes", s.get("generation_cells", 0))) for s in info.values()),
                    "seconds": round(seconds, 3), "computed": info,
                    "figures": [str(p.relative_to(self.run.path)) for p in figures]}
@@ -577,7 +625,7 @@ def merge_rows(old: Any, new: Any, neurons_sha256: str) -> Any:
 
     keep = keep[~keys(keep).isin(set(keys(new)))]
     prov_cols = [c for c in PROVENANCE if c in new.columns and c in keep.columns and c != "eval_sha256"]
-    for family in (PPL_METRICS, ("accuracy", "number_accuracy", "language_accuracy")):
+    for family in (PPL_METRICS, ACCURACY_METRICS, CHOICE_METRICS):
         fresh = new[new["metric"].isin(family)]
         if not len(fresh) or not prov_cols:
             continue

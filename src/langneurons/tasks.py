@@ -223,7 +223,7 @@ def _example(rec: Any, file_lang: str | None, ordinal: int, where: str) -> TaskE
                        source=where)
 
 
-def _read_text(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -244,7 +244,7 @@ def _read_file(path: Path, default_lang: str | None) -> list[TaskExample]:
     if suffix == ".tsv":
         if file_lang is None:
             raise CorpusError(f"cannot tell the language of {path}: name MGSM files mgsm_<lang>.tsv")
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
+        for i, line in enumerate(split_lines(read_utf8(path)), 1):
             if not line.strip():
                 continue
             question, sep, answer = line.rpartition("\t")
@@ -253,7 +253,7 @@ def _read_file(path: Path, default_lang: str | None) -> list[TaskExample]:
             rec = {"question": question, "answer": answer.strip() or None}
             out.append(_example(rec, file_lang, ordinal(rec), f"{path}:{i}"))
     elif suffix == ".jsonl":
-        for i, line in enumerate(split_lines(_read_text(path)), 1):
+        for i, line in enumerate(split_lines(read_utf8(path)), 1):
             if not line.strip():
                 continue
             try:
@@ -263,7 +263,7 @@ def _read_file(path: Path, default_lang: str | None) -> list[TaskExample]:
             out.append(_example(rec, file_lang, ordinal(rec), f"{path}:{i}"))
     elif suffix == ".json":
         try:
-            data = json.loads(_read_text(path))
+            data = json.loads(read_utf8(path))
         except json.JSONDecodeError as exc:
             raise CorpusError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
         if isinstance(data, dict):

@@ -22,11 +22,14 @@ def ablate(
                                 "layer: random neurons with the same per-layer counts; none: no control."),
     control_seeds: str = typer.Option("0,1,2", help="Seeds of the random control (one row per seed)."),
     control_bins: int = typer.Option(20, help="Activity strata per layer of the matched control."),
-    metric: str = typer.Option("nll,ppl,bpb", help="Comma list of nll, ppl, bpb, accuracy."),
+    metric: str = typer.Option("nll,ppl,bpb", help="Comma list of nll, ppl, bpb, accuracy (MGSM-style, generated), "
+                               "choice_accuracy (multiple choice, e.g. Belebele)."),
     eval_corpus: Optional[Path] = typer.Option(None, help="Held-out texts per language (default: the run's "
                                                "eval_corpus.jsonl); an MGSM path when only accuracy is asked."),
     math_corpus: Optional[Path] = typer.Option(None, help="MGSM-style problems for --metric accuracy "
                                                "(mgsm_<lang>.tsv, JSON or JSONL) when perplexity is also asked."),
+    choice_corpus: Optional[str] = typer.Option(None, help="Multiple-choice questions for --metric choice_accuracy: "
+                                                "hf:belebele, or Belebele-style JSONL (docs/interventions.md)."),
     langs: Optional[str] = typer.Option(None, help="Comma list of languages (rows and columns; default: the "
                                         "neuron map's languages found in the corpus)."),
     batch_size: int = typer.Option(8),
@@ -60,7 +63,7 @@ def ablate(
         raise LangNeuronsError(f"{run_dir} is not a run directory")
     cfg = AblationConfig(
         sets=tuple(classes or ()), control=control, control_seeds=control_seeds, control_bins=control_bins, metrics=tuple(split_list(metric) or ()),
-        eval_corpus=eval_corpus, math_corpus=math_corpus, langs=split_list(langs, what="--langs"),
+        eval_corpus=eval_corpus, math_corpus=math_corpus, choice_corpus=choice_corpus, langs=split_list(langs, what="--langs"),
         batch_size=batch_size, scope=scope, positions=positions, bootstrap=bootstrap, max_length=max_length,
         max_examples=max_examples, max_new_tokens=max_new_tokens, chat=chat, progress=progress, force=force,
         ppl_style=ppl_style,
@@ -74,11 +77,11 @@ def ablate(
 def _print_matrices(df: Any, sets: list[str]) -> None:
     from ..report.ablation import matrices
 
-    for metric in ("nll", "accuracy"):
+    for metric in ("nll", "accuracy", "choice_accuracy"):
         mats = matrices(df, metric)
         for nset in [s for s in sets if s in mats] + [f"random:{s}" for s in sets if f"random:{s}" in mats]:
             tab, _ = mats[nset]
-            what = "ΔNLL/token (nats)" if metric == "nll" else "Δaccuracy"
+            what = {"nll": "ΔNLL/token (nats)", "accuracy": "Δaccuracy"}.get(metric, "Δmultiple-choice accuracy")
             typer.echo(f"\n{what}, {nset}{' (mean over seeds)' if nset.startswith('random:') else ''}; "
                        "rows: deactivated, columns: evaluated")
             typer.echo(tab.to_string(float_format=lambda v: f"{v:+.3f}"))

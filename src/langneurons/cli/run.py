@@ -33,6 +33,8 @@ def run(
                                                  "(default: all; identification always uses every language)."),
     eval_tokens_per_lang: Optional[int] = typer.Option(2000, help="Held-out tokens per language scored in each "
                                                        "ablation pass (more, shorter documents: tighter intervals)."),
+    choice_corpus: Optional[str] = typer.Option(None, help="Multiple-choice questions (hf:belebele, or Belebele-"
+                                                "style JSONL): adds their accuracy to the ablation matrix."),
     batch_size: int = typer.Option(8),
     max_tokens_per_lang: Optional[int] = typer.Option(None),
     max_eval_docs: Optional[int] = typer.Option(None, help="Cap held-out documents per language."),

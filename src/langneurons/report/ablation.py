@@ -29,8 +29,9 @@ SET_ORDER = ("specific", "specific,related", "specific,related,general")
 CMAP = "RdBu_r"  # diverging: red = the loss rises, blue = it falls; white = no change
 METRIC_LABEL = {"nll": "ΔNLL per token (nats) = Δ log PPL", "bpb": "Δ bits per byte", "ppl": "Δ perplexity",
                 "accuracy": "Δ accuracy (number right and in the language)",
-                "number_accuracy": "Δ accuracy of the final number", "language_accuracy": "Δ share in the language"}
-HEATMAP_METRICS = ("nll", "accuracy")
+                "number_accuracy": "Δ accuracy of the final number", "language_accuracy": "Δ share in the language",
+                "choice_accuracy": "Δ multiple-choice accuracy"}
+HEATMAP_METRICS = ("nll", "accuracy", "choice_accuracy")
 
 
 def _slug(name: str) -> str:
@@ -343,6 +344,7 @@ def render_section(run_dir: str | Path, *, standalone: bool = False) -> str:
             parts.append(_cell_table(df, cells, s["neuron_set"]))
         if iv is not None and len(iv.selectivity):
             parts.append(_selectivity_table(iv.selectivity, s["neuron_set"]))
+    parts.extend(_choice_tables(df))
     if not any(df["metric"] == "nll"):
         parts.append(note_html("No perplexity rows in ablation.parquet (only task accuracy)."))
     body = "\n".join(parts)
@@ -450,6 +452,42 @@ def _ci(lo: float, hi: float) -> str:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return ""
     return f" [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _choice_tables(df: Any) -> list[str]:
+    """Multiple-choice accuracy (Belebele-style): per real set and deactivated language, the own
+    language's accuracy before, its change [paired 95% interval over questions], the mean change of
+    the other languages and the control's own change (mean over seeds)."""
+    sub = df[df["metric"] == "choice_accuracy"]
+    if sub.empty:
+        return []
+    out = ["<h3>Multiple-choice accuracy</h3>",
+           "<p>Share of questions answered right (the choice with the highest log-likelihood), with each "
+           "language's neurons zeroed. Intervals resample questions in pairs (the same questions with and "
+           "without the intervention); accuracy moves in steps of 1/questions.</p>"]
+    for nset in sorted({s for s in sub["neuron_set"] if not str(s).startswith("random:")}, key=_set_key):
+        real = sub[sub["neuron_set"] == nset]
+        ctrl = sub[sub["neuron_set"] == f"random:{nset}"]
+        rows = []
+        for lang in _order(real["deactivated_lang"]):
+            mine = real[real["deactivated_lang"] == lang]
+            own = mine[mine["eval_lang"] == lang]
+            others = mine[mine["eval_lang"] != lang]
+            c_own = ctrl[(ctrl["deactivated_lang"] == lang) & (ctrl["eval_lang"] == lang)]
+            if own.empty:
+                continue
+            r = own.iloc[0]
+            ci = (f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if "ci_low" in own.columns
+                  and math.isfinite(float(r["ci_low"])) else "")
+            rows.append([lang, int(r["n_neurons"]), int(r["n_docs"]), f"{float(r['base']):.3f}",
+                         f"{float(r['delta']):+.3f}{ci}",
+                         _fmt(float(others["delta"].mean())) if len(others) else "–",
+                         _fmt(float(c_own["delta"].mean())) if len(c_own) else "–"])
+        if rows:
+            out.append(f"<h4>Neuron set: {esc(nset)}</h4>")
+            out.append(table_html(["deactivated", "neurons", "questions", "accuracy own (before)",
+                                   "Δ accuracy own [95%]", "Δ others (mean)", "control Δ own"], rows))
+    return out
 
 
 def _cell_table(df: Any, cells: Any, nset: str) -> str:

@@ -209,7 +209,7 @@ def _ablation_tables(path: Path, max_tables: int = 12) -> str:
         return note_html(f"{path.name} lacks columns {sorted(need - set(df.columns))}; cannot show it.", "warn")
     out = ["<p>Change of each metric (ablated − base) in the evaluated language (columns) when the neurons of "
            "the deactivated language (rows) are set to zero.</p>"]
-    metrics = sorted(df["metric"].unique(), key=lambda m: (["nll", "bpb", "ppl", "accuracy"] + [m]).index(m))
+    metrics = sorted(df["metric"].unique(), key=lambda m: (["nll", "bpb", "ppl", "accuracy", "choice_accuracy"] + [m]).index(m))
     shown = 0
     for metric in metrics:
         for nset in sorted(df.loc[df["metric"] == metric, "neuron_set"].unique()):

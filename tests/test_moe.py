@@ -7,6 +7,9 @@ to float64, so the hand computations (other matmul shapes) cannot flip a sign ne
 
 from __future__ import annotations
 
+import json
+import math
+
 import subprocess
 import sys
 from pathlib import Path
@@ -119,14 +122,23 @@ def hand_counts(model, tokenizer, examples, config=RecordConfig()):
     return pos, routed, mass, tokens
 
 
-def hand_block(block, h, masked=()):
+def hand_block(block, h, masked=(), forced=(), strength=1.0):
     """A MoE block's output computed token by token from its weights (optionally with experts
-    removed from the router): the reference for the eager loop and for `mask_experts`."""
+    removed from the router, or forced: logit := the token's best + log strength, picked first):
+    the reference for the eager loop, `mask_experts` and `route_experts`."""
     logits = h @ block.gate.weight.T
+    best = logits.max(-1).values.clone()
     for e in masked:
         logits[:, e] = -torch.inf
+    for e in forced:
+        logits[:, e] = best + math.log(strength)
     probs = torch.softmax(logits.float(), -1)
     val, idx = probs.topk(TOP_K, -1)
+    for t in range(h.shape[0]):  # forced experts first (the most probable of them), then the rest
+        order = sorted(forced, key=lambda e: -float(probs[t, e]))[:TOP_K]
+        rest = [int(e) for e in probs[t].argsort(descending=True) if int(e) not in order]
+        pick = torch.tensor((order + rest)[:TOP_K])
+        idx[t], val[t] = pick, probs[t, pick]
     if getattr(block.gate, "norm_topk_prob", True):
         val = val / val.sum(-1, keepdim=True)
     val = val.to(h.dtype)
@@ -530,6 +542,59 @@ def test_mask_experts_equals_hand_routing_without_them(family_model, tok):
             pass
 
 
+def test_force_experts_equals_hand_routing(family_model, tok):
+    """route_experts(force=...): the forced experts take the token's best logit + log strength and
+    are picked first; with remove= as well, removed ones are never picked."""
+    family, model = family_model
+    ids = tok("Wir gingen am Morgen zum Markt.")["input_ids"]
+    x, y = block_io(model, ids)
+    force = torch.zeros(2, E, dtype=torch.bool)
+    force[0, 2] = True
+    remove = torch.zeros(2, E, dtype=torch.bool)
+    remove[0, 0] = True
+    block = model.model.layers[0].mlp
+    for strength, rm in ((1.0, None), (4.0, None), (0.5, remove)):
+        seen = []
+        with moe.route_experts(model, force=force, remove=rm, strength=strength) as iv:
+            hook = block.gate.register_forward_hook(lambda _m, _i, out: seen.append(out[2]))
+            _, yf = block_io(model, ids)
+            hook.remove()
+        assert iv.calls[0] == 1 and (seen[0] == 2).any(-1).all()  # every token reaches the forced expert
+        if rm is not None:
+            assert not (seen[0] == 0).any()
+        with torch.no_grad():
+            want = hand_block(block, x.clone(), masked=(0,) if rm is not None else (), forced=(2,), strength=strength)
+        torch.testing.assert_close(yf, want, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(yf, y)
+    with pytest.raises(LangNeuronsError, match="strength"):
+        with moe.route_experts(model, force=force, strength=0):
+            pass
+
+
+def test_prompt_positions_patch_only_the_prompt(tok):
+    """positions='prompt' with prompt_length: logits before it change, the rest of a prefill reads
+    a changed cache but its own routing is the router's."""
+    model = make_moe("mixtral", len(tok))
+    ids = torch.tensor([tok("Die Katze saß auf der warmen Matte.")["input_ids"]])
+    force = torch.zeros(2, E, dtype=torch.bool)
+    force[:, 1] = True
+    seen = []
+    gate = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        hook = gate.register_forward_hook(lambda _m, _i, out: seen.append(out[2]))
+        base = model(input_ids=ids).logits
+        hook.remove()
+        with moe.route_experts(model, force=force, positions="prompt", prompt_length=3):
+            hook = gate.register_forward_hook(lambda _m, _i, out: seen.append(out[2]))  # after the router edit
+            got = model(input_ids=ids).logits
+            hook.remove()
+    natural, edited = seen
+    assert (edited[:3] == 1).any(-1).all()
+    assert torch.equal(edited[3:], natural[3:])  # layer 0 after the prompt: the router's own choice
+    assert not (natural[:3] == 1).any(-1).all()  # (the forcing changed something)
+    assert not torch.allclose(got[:, :3], base[:, :3])
+
+
 def test_generated_positions_patch_only_new_tokens(tok):
     """positions='generated' with prompt_length: the prompt's logits stay, later ones change."""
     model = make_moe("mixtral", len(tok))
@@ -691,3 +756,63 @@ def test_whole_expert_sets_in_the_generated_accuracy_matrix(tok, tmp_path):
         assert [g["output"] for g in gens if g["neuron_set"] == "none" and g["requested_lang"] == j] == plain
         changed += want != plain
     assert changed  # the masked expert changes some generation: the comparison can tell
+
+
+def _moe_steer_run(tok, tmp_path):
+    """A run directory of the planted model: stats, a MoE neuron map with its expert-level map,
+    held-out documents for the prompts."""
+    import json
+
+    from langneurons.runs import RunDir
+
+    model, _ = planted_model(tok, "zh")
+    c = corpus(("en", "de", "zh"))
+    run = tmp_path / "run"
+    stats = record(model, tok, c, run, RecordConfig(batch_size=4), progress=False)
+    nmap = moe.identify_moe(stats, top_rate=0.1, bar=0.7, lam=0.0, moe=moe.MoeIdentifyConfig(min_routed=5))
+    nmap.save(run / "neurons.safetensors")
+    lines = [json.dumps({"lang": k, "text": t}) for k in ("en", "de", "zh") for t in SAMPLE_TEXTS[k]]
+    (run / "eval_corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fp = RunDir(run).read_manifest()["model"]["model_fingerprint"]
+    return model, nmap, run, fp
+
+
+def test_steering_with_whole_experts(tok, tmp_path):
+    """`experts` steering forces the target's experts into the router's top-k: each generation
+    equals greedy decoding by hand under moe.route_experts; `random-experts` forces as many other
+    experts per layer; a dense map refuses the methods in one line."""
+    from types import SimpleNamespace
+
+    from langneurons.lm import GenerateConfig, generate
+    from langneurons.stages import SteerStage
+    from langneurons.steer import SteerConfig
+
+    model, nmap, run, fp = _moe_steer_run(tok, tmp_path)
+    emap = moe.experts_map(nmap)
+    force = emap.language_mask("zh", ("specific",))
+    assert force.any()
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint=fp)
+    cfg = SteerConfig(sources=["en"], targets=["zh"], methods=("experts", "random-experts"), strengths=(1.0, 8.0),
+                      prompts=2, max_new_tokens=4, batch_size=4, control_seeds=(0,))
+    stage = SteerStage(run, cfg, loaded=loaded)
+    df = stage.run_stage()
+    assert sorted(df.groupby("method").size().items()) == [("experts", 2), ("none", 1), ("random-experts", 2)]
+    assert set(df.loc[df.method == "experts", "n_neurons"]) == {int(force.sum())}  # forced experts
+    assert set(df.loc[df.method.str.contains("experts"), "mode"]) == {"force"}
+    gens = [json.loads(x) for x in (run / "steer_generations.jsonl").read_text().splitlines()]
+    gcfg = GenerateConfig(max_new_tokens=4, batch_size=4).validate()
+    for strength in (1.0, 8.0):
+        mine = [g for g in gens if g["method"] == "experts" and g["strength"] == strength]
+        assert len(mine) == 2
+        want = generate(model, tok, [g["prompt"] for g in mine], gcfg,
+                        batch_context=lambda w, s=strength: moe.route_experts(model, force=force, strength=s,
+                                                                              prompt_length=w))
+        assert [g["output"] for g in mine] == [w.text for w in want]
+    plain = [g["output"] for g in gens if g["method"] == "none"]
+    assert [g["output"] for g in gens if g["method"] == "experts" and g["strength"] == 8.0] != plain
+    from langneurons.errors import NeuronMapError
+
+    dense = nmap.__class__(nmap.languages, nmap.classes, nmap.active, nmap.selected, None, {})
+    with pytest.raises(NeuronMapError, match="no expert-level identification"):
+        SteerStage(run, SteerConfig(sources=["en"], targets=["zh"], methods=("experts",), prompts=1,
+                                    max_new_tokens=2), loaded=loaded, nmap=dense).run_stage()

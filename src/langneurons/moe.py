@@ -750,10 +750,11 @@ def moe_summary(nmap: NeuronMap) -> dict[str, Any]:
 
 # -- interventions -----------------------------------------------------------------------------
 class _Positions:
-    """Which rows of the flattened [B*T] batch an intervention patches (positions="generated":
-    the same rule as `intervene.deactivate`: a forward with an empty or absent KV cache is a
-    prefill and is patched from ``prompt_length`` on (nothing without it); a cached forward
-    reads only new tokens and is patched everywhere)."""
+    """Which rows of the flattened [B*T] batch an intervention patches, by `intervene.deactivate`'s
+    rule: a forward with an empty or absent KV cache is a prefill, a cached forward reads only new
+    tokens. positions="generated": a prefill is patched from ``prompt_length`` on (nothing without
+    it), a cached forward everywhere; "prompt": a prefill below ``prompt_length`` (all of it
+    without), a cached forward nowhere."""
 
     def __init__(self, positions: str, prompt_length: int | None):
         self.positions, self.prompt_length = positions, prompt_length
@@ -778,8 +779,10 @@ class _Positions:
         if self.positions == "all":
             return None
         if self.start is None or not self.seq:
-            raise LangNeuronsError("positions='generated' needs the forward to go through the model passed to the "
-                                   "intervention (it reads the KV cache to tell prompt from new tokens)")
+            raise LangNeuronsError(f"positions={self.positions!r} needs the forward to go through the model passed to "
+                                   "the intervention (it reads the KV cache to tell prompt from new tokens)")
+        if self.positions == "prompt":
+            return (token_idx % self.seq) < self.start
         return (token_idx % self.seq) >= self.start
 
     @contextmanager
@@ -872,8 +875,8 @@ def deactivate_neurons(model: nn.Module, mask: MaskLike, *, mode: str = "zero", 
         raise LangNeuronsError("--mlp-act-path does not apply to a mixture of experts; drop it")
     if mode not in ("zero", "scale", "set"):
         raise LangNeuronsError(f"unknown intervention mode {mode!r}; use zero, scale or set")
-    if positions not in ("all", "generated"):
-        raise LangNeuronsError(f"unknown positions {positions!r}; use all or generated")
+    if positions not in ("all", "generated", "prompt"):
+        raise LangNeuronsError(f"unknown positions {positions!r}; use all, generated or prompt")
     sites = sites or locate_experts(model)
     L, N = sites.num_layers, sites.num_neurons
     indices = as_indices(mask, L, N)
@@ -902,58 +905,85 @@ def deactivate_neurons(model: nn.Module, mask: MaskLike, *, mode: str = "zero", 
             h.remove()
 
 
-class _RouterMask:
-    """Router forward hook: the masked experts' logits := -inf, then the family's routing again
-    (softmax over all experts in float32, top-k, renormalise if the family does, the scores in
-    the dtype the router returned them)."""
+class _RouterEdit:
+    """Router forward hook: removed experts' logits := -inf; forced experts' logits := the row's
+    best logit + log(strength) and they are picked before any other expert; then the family's
+    routing again (softmax over all experts in float32, top-k, renormalise if the family does,
+    the scores in the dtype the router returned them)."""
 
-    def __init__(self, sites: ExpertSites, iv: Intervention, where: _Positions):
+    def __init__(self, sites: ExpertSites, iv: Intervention, where: _Positions, removed: list[torch.Tensor],
+                 forced: list[torch.Tensor], strength: float):
         self.sites, self.iv, self.where = sites, iv, where
-        self._dev: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.removed, self.forced, self.log_strength = removed, forced, math.log(strength)
+        self._dev: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+    def _cols(self, which: str, layer: int, device: torch.device) -> torch.Tensor:
+        key = (which, layer, device)
+        if key not in self._dev:
+            self._dev[key] = (self.removed if which == "removed" else self.forced)[layer].to(device)
+        return self._dev[key]
 
     def __call__(self, layer: int, out: Any) -> Any:
         logits, scores, _ = out
         E = self.sites.num_experts
-        key = (layer, logits.device)
-        cols = self._dev.get(key)
-        if cols is None:
-            cols = self._dev[key] = self.iv.indices[layer].to(logits.device)
         self.iv.calls[layer] += 1
         flat = logits.reshape(-1, E)
-        masked = flat.index_fill(-1, cols, -math.inf)
+        edited = flat
+        removed, forced = self._cols("removed", layer, flat.device), self._cols("forced", layer, flat.device)
+        if removed.numel():
+            edited = edited.index_fill(-1, removed, -math.inf)
+        picked = torch.zeros_like(flat, dtype=torch.bool)
+        if forced.numel():
+            best = flat.max(dim=-1, keepdim=True).values + self.log_strength
+            edited = edited.index_copy(-1, forced, best.expand(-1, int(forced.numel())).to(edited.dtype))
+            picked = picked.index_fill(-1, forced, True)
         rows = self.where.rows(torch.arange(flat.shape[0], device=flat.device))
         if rows is not None:
-            masked = torch.where(rows.unsqueeze(-1), masked, flat)
-        probs = _probs_from_logits(masked)
-        top_v, top_i = torch.topk(probs, self.sites.top_k, dim=-1)
+            edited = torch.where(rows.unsqueeze(-1), edited, flat)
+            picked = picked & rows.unsqueeze(-1)
+        probs = _probs_from_logits(edited)
+        # forced experts first (probabilities are <= 1), then the router's own order
+        top_i = torch.topk(probs + 2.0 * picked.to(probs.dtype), self.sites.top_k, dim=-1).indices
+        top_v = probs.gather(-1, top_i)
         if self.sites.normalize_topk:
             top_v = top_v / top_v.sum(dim=-1, keepdim=True)
-        return masked.reshape(logits.shape), top_v.to(scores.dtype), top_i
+        return edited.reshape(logits.shape), top_v.to(scores.dtype), top_i
 
 
 @contextmanager
-def mask_experts(model: nn.Module, mask: MaskLike, *, positions: str = "all", prompt_length: int | None = None,
-                 sites: ExpertSites | None = None) -> Iterator[Intervention]:
-    """Remove whole experts while the block runs: their router logits are set to -inf, so every
-    token is routed to its best *other* top-k experts (the MoE analogue of deactivating a
-    neuron set). ``mask``: bool [L, E] (``experts_map(nmap).language_mask(lang, ...)``) or
-    per-layer expert indices. At least top_k experts must stay in every layer. Works with any
-    experts kernel (only the router is hooked)."""
-    if positions not in ("all", "generated"):
-        raise LangNeuronsError(f"unknown positions {positions!r}; use all or generated")
+def route_experts(model: nn.Module, *, remove: MaskLike | None = None, force: MaskLike | None = None,
+                  strength: float = 1.0, positions: str = "all", prompt_length: int | None = None,
+                  sites: ExpertSites | None = None) -> Iterator[Intervention]:
+    """Change which experts the router picks while the block runs (only the router is hooked, so
+    any experts kernel works). ``remove`` experts get router logit -inf: every token goes to its
+    best *other* experts (`mask_experts`). ``force`` experts get the row's best logit + log
+    ``strength`` (1: as likely as the router's favourite; 2: twice as likely) and are picked before
+    every other expert, up to top_k of them per token (the most probable forced first); the
+    routing weights are the softmax of the edited logits, renormalised over the picked experts
+    where the family renormalises. Masks: bool [L, E] or per-layer expert indices. ``positions``:
+    all | generated | prompt (`intervene.deactivate`'s rule). A removed expert is never forced."""
+    if positions not in ("all", "generated", "prompt"):
+        raise LangNeuronsError(f"unknown positions {positions!r}; use all, generated or prompt")
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 0):
+        raise LangNeuronsError(f"the forcing strength must be a number > 0, got {strength!r}")
     sites = sites or locate_experts(model)
     L, E = sites.num_layers, sites.num_experts
+    empty = [torch.zeros(0, dtype=torch.int64) for _ in range(L)]
     try:
-        indices = as_indices(mask, L, E)
+        removed = as_indices(remove, L, E) if remove is not None else empty
+        forced = as_indices(force, L, E) if force is not None else empty
     except NeuronMapError as exc:
         raise NeuronMapError(f"expert mask: {exc} (an expert mask is [layers, experts] = [{L}, {E}])") from None
-    crowded = [layer for layer, idx in enumerate(indices) if E - int(idx.numel()) < sites.top_k]
+    forced = [f[~torch.isin(f, r)] for f, r in zip(forced, removed)]
+    crowded = [layer for layer, idx in enumerate(removed) if E - int(idx.numel()) < sites.top_k]
     if crowded:
         raise NeuronMapError(f"the expert mask leaves fewer than top_k={sites.top_k} experts in layers {crowded[:5]}; "
                              "the router could not pick top_k experts")
-    iv = Intervention("mask-experts", positions, indices, calls=[0] * L)
+    both = [torch.unique(torch.cat([r, f])) for r, f in zip(removed, forced)]
+    kind = "mask-experts" if force is None else "force-experts" if remove is None else "route-experts"
+    iv = Intervention(kind, positions, both, calls=[0] * L)
     where = _Positions(positions, prompt_length)
-    hook = _RouterMask(sites, iv, where)
+    hook = _RouterEdit(sites, iv, where, removed, forced, float(strength))
     handles = []
     try:
         for layer in iv.layers:
@@ -964,6 +994,18 @@ def mask_experts(model: nn.Module, mask: MaskLike, *, positions: str = "all", pr
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def mask_experts(model: nn.Module, mask: MaskLike, *, positions: str = "all", prompt_length: int | None = None,
+                 sites: ExpertSites | None = None) -> Iterator[Intervention]:
+    """Remove whole experts while the block runs: their router logits are set to -inf, so every
+    token is routed to its best *other* top-k experts (the MoE analogue of deactivating a
+    neuron set). ``mask``: bool [L, E] (``experts_map(nmap).language_mask(lang, ...)``) or
+    per-layer expert indices. At least top_k experts must stay in every layer. Works with any
+    experts kernel (only the router is hooked)."""
+    with route_experts(model, remove=mask, positions=positions, prompt_length=prompt_length, sites=sites) as iv:
+        yield iv
 
 
 def expert_neuron_mask(sites: ExpertSites | Any, expert_mask: torch.Tensor) -> torch.Tensor:

@@ -795,16 +795,17 @@ class SteerStage(Stage[Any]):
 
         cfg, out = self.config, {}
         ranges = [name for name, _ in layer_ranges(list(cfg.layers), self.num_layers())]
-        for method in ("neurons", "random", "diffmean"):
+        for method in ("neurons", "random", "diffmean", "experts", "random-experts"):
             if method not in cfg.methods:
                 continue
             given = cfg.diffmean_strengths if method == "diffmean" else cfg.strengths
             layers = [str(x) for x in self.diffmean_layers()] if method == "diffmean" else ranges
             if given == "best":
-                match = {} if method == "diffmean" else {"mode": cfg.mode, "classes": cfg.classes,
-                                                         "neurons": cfg.neurons}
-                best = best_settings(self.old, "neurons" if method == "random" else method,
-                                     positions=cfg.positions, setting=self.setting(), **match)
+                experts = method in ("experts", "random-experts")
+                match = {} if method == "diffmean" else {"mode": "force" if experts else cfg.mode,
+                                                         "classes": cfg.classes, "neurons": cfg.neurons}
+                of = {"random": "neurons", "random-experts": "experts"}.get(method, method)
+                best = best_settings(self.old, of, positions=cfg.positions, setting=self.setting(), **match)
                 if best is None:
                     raise LangNeuronsError(f"--strength best: steer.parquet has no {method} rows of these settings to "
                                            "choose from; run a sweep with explicit strengths first")

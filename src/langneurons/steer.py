@@ -19,6 +19,12 @@ documents exist in t), continued greedily with and without an intervention:
   mean residual after block l over the tokens of language k's documents of the run's
   identification corpus (no special tokens, no pads) -- the difference-of-means baseline that
   CLaS-Bench (2026) finds strongest;
+* ``experts``  (mixtures of experts, opt-in) the language-specific *experts* of t (``classes`` of
+  the expert-level map, `moe.experts_map`) in the layer range are forced into every token's top-k:
+  their router logit := the token's best logit + log S, picked before any other expert
+  (`moe.route_experts`); with ``neurons="pair"`` the experts of s are also removed from the router;
+* ``random-experts`` the same forcing on random experts with the same number per layer, outside
+  every selected expert (routing shares are what experts are selected on: no finer match);
 * ``none``     no intervention (the baseline every fluency cost is measured against).
 
 Each intervention applies to the prompt's positions, to generated positions only, or to both
@@ -59,7 +65,9 @@ STEER_FILE = "steer.parquet"
 STEER_GENERATIONS = "steer_generations.jsonl"
 STEER_MODES = ("set", "add", "scale")
 STEER_POSITIONS = ("both", "prompt", "generated")
-STEER_METHODS = ("neurons", "random", "diffmean")
+STEER_METHODS = ("neurons", "random", "diffmean", "experts", "random-experts")
+DEFAULT_METHODS = ("neurons", "random", "diffmean")  # experts: only for a mixture of experts, asked for
+EXPERT_METHODS = ("experts", "random-experts")
 NEURON_SETS = ("target", "pair")
 #: the columns that identify a row (a later run replaces the rows with the same key)
 ROW_KEY = ("method", "mode", "classes", "neurons", "positions", "layers", "strength", "seed", "src", "tgt")
@@ -115,7 +123,7 @@ class SteerConfig:
     layers: tuple[str, ...] = ("all",)
     positions: str = "both"
     neurons: str = "target"  # target: the target language's neurons; pair: target's and source's
-    methods: tuple[str, ...] = STEER_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     diffmean_layers: tuple[int, ...] | None = None  # None: the middle block
     diffmean_strengths: tuple[float, ...] | str = (1.0, 2.0, 4.0)
     diffmean_docs: int = 32  # identification documents per language for the mean residuals
@@ -401,12 +409,12 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
 
     from .arch import locate_activations
     from .evaluate import detect_language
-    from .intervene import deactivate, matched_control
+    from .intervene import deactivate, matched_control, random_control
     from .lm import GenerateConfig, generate
 
     sites = locate_activations(model, cfg.model.act_path)
     L = sites.num_layers
-    ranges = dict(layer_ranges(list(cfg.layers) + [n for m in ("neurons", "random")
+    ranges = dict(layer_ranges(list(cfg.layers) + [n for m in ("neurons", "random", *EXPERT_METHODS)
                                                    for _, n in strengths.get(m, []) if n != "all"], L))
     pos = cfg.intervention_positions
     classes = tuple(cfg.classes.split(","))
@@ -422,6 +430,18 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
         mode, factor, values = neuron_values(cfg.mode, strength, means, languages, src, tgt)
         return lambda width: _checked(deactivate(model, mask, mode=mode, factor=factor, values=values,  # type: ignore[arg-type]
                                                  positions=pos, prompt_length=width, sites=sites))
+
+    emap = None
+    if any(m in strengths for m in EXPERT_METHODS):
+        from .moe import experts_map
+
+        emap = experts_map(nmap)
+
+    def experts_context(force: torch.Tensor, remove: torch.Tensor | None, strength: float) -> Callable[[int], Any]:
+        from .moe import route_experts
+
+        return lambda width: _checked(route_experts(model, force=force, remove=remove, strength=strength,
+                                                    positions=pos, prompt_length=width))
 
     depends_on_src = cfg.mode == "add" or cfg.neurons == "pair"
     targets = list(dict.fromkeys(t for _, t in pairs))
@@ -446,6 +466,24 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
                                                        bins=cfg.control_bins)
                         jobs.append(_Job(method, lname, strength, seed, tgt, group, int(mask.sum()),
                                          neuron_context(mask, group[0], tgt, strength) if mask.any() else None))
+        for method in EXPERT_METHODS:
+            for strength, lname in strengths.get(method, []):
+                layers = ranges[lname]
+                seeds = [None] if method == "experts" else list(cfg.control_seeds)
+                for seed in seeds:
+                    for group in groups:
+                        force = _restrict(emap.language_mask(tgt, classes), layers)  # type: ignore[union-attr]
+                        remove = (_restrict(emap.language_mask(group[0], classes), layers)  # type: ignore[union-attr]
+                                  if cfg.neurons == "pair" else None)
+                        if method == "random-experts":
+                            taken = emap.selected.to(torch.bool)  # type: ignore[union-attr]
+                            force = random_control(force, _seed(seed, group[0], tgt), exclude=force | taken,
+                                                   strict=False)
+                            if remove is not None:
+                                remove = random_control(remove, _seed(seed, tgt, group[0]),
+                                                        exclude=remove | taken | force, strict=False)
+                        jobs.append(_Job(method, lname, strength, seed, tgt, group, int(force.sum()),
+                                         experts_context(force, remove, strength) if force.any() else None))
         for strength, lname in strengths.get("diffmean", []):
             if resid_means is None:
                 raise LangNeuronsError("diffmean needs the mean residuals (residual_means)")
@@ -493,9 +531,10 @@ def steer_grid(model: torch.nn.Module, tokenizer: Any, nmap: Any, means: torch.T
         success = sum(ok) / len(ok) if ok else math.nan
         valid = [f for f in fid if math.isfinite(f)]
         fidelity = sum(valid) / len(valid) if valid else math.nan
-        rows.append({"method": method, "mode": cfg.mode if method in ("neurons", "random") else "residual-add"
-                     if method == "diffmean" else "none", "classes": cfg.classes if method in ("neurons", "random")
-                     else "", "neurons": cfg.neurons if method in ("neurons", "random") else "",
+        patched = method in ("neurons", "random", *EXPERT_METHODS)
+        rows.append({"method": method, "mode": cfg.mode if method in ("neurons", "random") else "force"
+                     if method in EXPERT_METHODS else "residual-add" if method == "diffmean" else "none",
+                     "classes": cfg.classes if patched else "", "neurons": cfg.neurons if patched else "",
                      "positions": cfg.positions if method != "none" else "", "layers": lname,
                      "strength": float(strength), "seed": seed, "src": src, "tgt": tgt, "n_prompts": len(ok),
                      "n_neurons": n_neurons, "success": success, "chrf": fidelity,

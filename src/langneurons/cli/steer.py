@@ -29,8 +29,9 @@ def steer(
     layers: str = typer.Option("all", help="Layer ranges of the neuron methods: all or e.g. '0-8;9-17' (inclusive)."),
     positions: str = typer.Option("both", help="both | prompt | generated: where the intervention acts."),
     neurons: str = typer.Option("target", help="target (the target language's neurons) | pair (also the source's)."),
-    methods: str = typer.Option("neurons,random,diffmean", help="Comma list of neurons, random, diffmean "
-                                "(no intervention always runs)."),
+    methods: str = typer.Option("neurons,random,diffmean", help="Comma list of neurons, random, diffmean, and for "
+                                "a mixture of experts experts, random-experts (force the target's experts into "
+                                "the router's top-k; S scales their logit); no intervention always runs."),
     diffmean_layers: Optional[str] = typer.Option(None, help="Blocks whose output gets the DiffMean vector (comma "
                                                   "list; default: the middle block)."),
     diffmean_strength: str = typer.Option("1,2,4", help="Strengths of the DiffMean vector, or best."),

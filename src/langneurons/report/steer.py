@@ -16,7 +16,8 @@ from .figures import COLORS, HEATMAP, save_figure
 from .sections import esc, figure_html, note_html, register_section, table_html
 
 METHOD_COLORS = {"neurons": COLORS["specific"], "random": COLORS["unassigned"], "diffmean": COLORS["related"],
-                 "none": "black"}
+                 "experts": COLORS["general"], "random-experts": COLORS["unassigned"], "none": "black"}
+STEERED = ("neurons", "random", "diffmean", "experts", "random-experts")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -35,7 +36,7 @@ def plot_strength(df: Any) -> Any:
     base = table[table["method"] == "none"]
     styles = ["-", "--", ":", "-."]
     for ax, metric, label in zip(axes, ("success", "chrf"), ("forcing success", "fidelity (chrF)")):
-        for method in ("neurons", "random", "diffmean"):
+        for method in STEERED:
             g = table[table["method"] == method]
             for i, (layers, gl) in enumerate(g.groupby("layers", sort=True)):
                 gl = gl.sort_values("strength")
@@ -67,7 +68,7 @@ def plot_grid(df: Any) -> Any | None:
     pairs = df[["src", "tgt"]].drop_duplicates()
     if len(pairs) < 2:
         return None
-    methods = [m for m in ("none", "neurons", "random", "diffmean") if (df["method"] == m).any()]
+    methods = [m for m in ("none", *STEERED) if (df["method"] == m).any()]
     srcs = list(dict.fromkeys(pairs["src"]))
     tgts = list(dict.fromkeys(pairs["tgt"]))
     fig = _figure(2.6 * len(methods) + 0.8, 2.6)
@@ -125,7 +126,7 @@ def render_section(run_dir: str | Path) -> str | None:
              _fmt(r.chrf), _fmt(r.harmonic), _fmt(r.fluency_cost), int(r.pairs), int(r.prompts)]
             for r in table.itertuples()]
     best = []
-    for method in ("neurons", "random", "diffmean"):
+    for method in STEERED:
         b = best_settings(df, method)
         if b is not None:
             best.append(f"{method}: strength {b[0]:g}, layers {b[1]}")
@@ -136,7 +137,9 @@ def render_section(run_dir: str | Path) -> str | None:
         "language. <i>Harmonic</i>: their harmonic mean (as CLaS-Bench). <i>Fluency cost</i>: NLL per token of the "
         "output under the unsteered model minus that of the unsteered outputs (nats; Δ log PPL). Methods: the "
         "target's language neurons (<i>neurons</i>), activity-matched random neurons of the same per-layer counts "
-        "(<i>random</i>), a difference-of-means residual vector (<i>diffmean</i>), and no intervention. Values are "
+        "(<i>random</i>), a difference-of-means residual vector (<i>diffmean</i>), for a mixture of experts the "
+        "target's language-specific experts forced into the router's choice (<i>experts</i>) and random experts of "
+        "the same per-layer counts (<i>random-experts</i>), and no intervention. Values are "
         "means over the pairs (and control seeds).</p>",
         table_html(["method", "mode", "layers", "strength", "success", "chrF", "harmonic", "fluency cost", "pairs",
                     "prompts"], rows),

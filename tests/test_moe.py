@@ -810,9 +810,40 @@ def test_steering_with_whole_experts(tok, tmp_path):
         assert [g["output"] for g in mine] == [w.text for w in want]
     plain = [g["output"] for g in gens if g["method"] == "none"]
     assert [g["output"] for g in gens if g["method"] == "experts" and g["strength"] == 8.0] != plain
+    # the neuron methods on the same MoE map: set to the target's means over routed tokens
+    both = SteerStage(run, SteerConfig(sources=["en"], targets=["zh"], methods=("neurons", "random"),
+                                       strengths=(2.0,), prompts=2, max_new_tokens=4, batch_size=4),
+                      loaded=loaded).run_stage()
+    assert {"neurons", "random", "experts"} <= set(both.method)
     from langneurons.errors import NeuronMapError
 
     dense = nmap.__class__(nmap.languages, nmap.classes, nmap.active, nmap.selected, None, {})
     with pytest.raises(NeuronMapError, match="no expert-level identification"):
         SteerStage(run, SteerConfig(sources=["en"], targets=["zh"], methods=("experts",), prompts=1,
                                     max_new_tokens=2), loaded=loaded, nmap=dense).run_stage()
+
+
+def test_means_of_expert_neurons_are_over_their_routed_tokens(tok, tmp_path):
+    """ActivationStats.means() of MoE stats: an expert neuron's mean activation act_fn(h W_gate)
+    over the tokens routed to its expert (by hand, one sequence at a time), not over all tokens."""
+    model = make_moe("mixtral", len(tok))
+    c = corpus(("en",))
+    stats = record(model, tok, c, tmp_path / "run", RecordConfig(batch_size=3), progress=False)
+    rec = Recorder(model, tok, RecordConfig(batch_size=1, buckets=0), sites=locate_experts(model))
+    L = len(model.model.layers)
+    sums = torch.zeros(L, E, I, dtype=torch.float64)
+    routed = torch.zeros(L, E, dtype=torch.float64)
+    for enc in rec.encode(c.by_lang["en"]):
+        keep = torch.tensor(enc.counted)
+        for layer, h in enumerate(block_inputs(model, enc.input_ids)):
+            block = model.model.layers[layer].mlp
+            h = h[keep]
+            top = torch.softmax((h @ block.gate.weight.T).float(), -1).topk(TOP_K, -1).indices
+            for e in range(E):
+                rows = (top == e).any(-1)
+                routed[layer, e] += float(rows.sum())
+                sums[layer, e] += F.silu(h[rows] @ block.experts.gate_up_proj[e, :I].T).double().sum(0)
+    want = sums / routed.clamp(min=1).unsqueeze(-1)
+    got = stats.means()[0].reshape(L, E, I)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(got, (stats.sums[0] / stats.tokens[0]).reshape(L, E, I))

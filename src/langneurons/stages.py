@@ -840,6 +840,7 @@ class SteerStage(Stage[Any]):
     def compute(self) -> Any:
         from .evaluate import DEFAULT_DETECT_LANGUAGES
         from .intervene import activity_from_probs
+        from .moe import is_moe_stats, neuron_probs
         from .steer import doc_text, residual_means, steer_grid
 
         cfg, loaded = self.config, self.loaded
@@ -858,7 +859,8 @@ class SteerStage(Stage[Any]):
         self.generations = []
         detect = list(dict.fromkeys([*DEFAULT_DETECT_LANGUAGES, *self.langs]))
         df = steer_grid(loaded.model, loaded.tokenizer, self.nmap, means, stats.languages, self.prompts(), cfg,
-                        activity=activity_from_probs(stats.probs()) if "random" in strengths else None,
+                        activity=activity_from_probs(neuron_probs(stats)[0] if is_moe_stats(stats) else stats.probs())
+                        if "random" in strengths else None,
                         resid_means=resid, resid_layers=layers, pairs=self.pairs, strengths=strengths,
                         detect_langs=detect, generations=self.generations, echo=self._echo)
         df["setting"] = self.setting()

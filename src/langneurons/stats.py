@@ -333,10 +333,16 @@ class ActivationStats:
         return (self.positive.to(torch.float64) / denom).to(dtype)
 
     def means(self) -> torch.Tensor:
-        """Mean activation per language and neuron (needs the sums)."""
+        """Mean activation per language and neuron (needs the sums). For a mixture of experts the
+        mean of an expert neuron is over the tokens routed to its expert (it has no activation on
+        the others), as its firing probability is (`moe.neuron_denominators`)."""
         if self.sums is None:
             raise StatsError("these stats carry no activation sums (imported files have none); "
                              "record them with langneurons to use mean-value interventions")
+        from .moe import is_moe_stats, neuron_denominators
+
+        if is_moe_stats(self):
+            return self.sums / neuron_denominators(self).clamp(min=1).to(torch.float64)
         return self.sums / self.tokens.clamp(min=1).to(torch.float64).view(-1, 1, 1)
 
     def language(self, lang: str) -> LanguageStats:

@@ -354,8 +354,8 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
     ``predictions`` (a list) receives one dict per (mask, question): the chosen letter and
     whether it is right."""
     from .arch import locate_activations
-    from .evaluate import (check_control, distinct_masks, ablation_frame, model_max_length, plan_jobs, score_docs)
-    from .intervene import deactivate
+    from .evaluate import (ablation_frame, check_control, distinct_masks, job_patch, model_max_length, plan_jobs,
+                           score_docs)
     from .lm import pad_id
 
     sites = locate_activations(model, act_path)
@@ -391,13 +391,7 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
         results[None] = score_all()
         bar.update(1)
         for key, job in unique.items():
-            if job.experts:
-                from .moe import mask_experts
-
-                patch = mask_experts(model, job.mask)
-            else:
-                patch = deactivate(model, job.mask, sites=sites)
-            with patch as iv:
+            with job_patch(model, job, sites=sites) as iv:
                 results[key] = score_all()
             iv.check_fired()
             bar.update(1)

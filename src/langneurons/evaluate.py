@@ -337,6 +337,16 @@ def plan_jobs(nmap: Any, langs: Sequence[str], neuron_sets: Sequence[str], contr
     return jobs
 
 
+def job_patch(model: nn.Module, job: _Job, *, sites: Any = None, mode: str = "zero", factor: float = 0.0) -> Any:
+    """The intervention context of one planned job: whole experts removed at the router
+    (``experts:`` sets), else the job's neurons deactivated at all positions."""
+    if job.experts:
+        from .moe import mask_experts
+
+        return mask_experts(model, job.mask)
+    return deactivate(model, job.mask, mode=mode, factor=factor, sites=sites)  # type: ignore[arg-type]
+
+
 def distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     """One job per distinct non-empty mask: an empty mask is the baseline, and identical masks
     (e.g. "specific" and "specific,related" for a language without related neurons) run once."""
@@ -525,13 +535,7 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                                                                          "baseline pass)"))
         for key, job in unique.items():
             bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
-            if job.experts:
-                from .moe import mask_experts
-
-                patch = mask_experts(model, job.mask)
-            else:
-                patch = deactivate(model, job.mask, mode=mode, factor=factor, sites=sites)  # type: ignore[arg-type]
-            with patch as iv:
+            with job_patch(model, job, sites=sites, mode=mode, factor=factor) as iv:
                 scored = score_all()
             iv.check_fired()
             for j, res in scored.items():

@@ -593,6 +593,19 @@ def test_prompt_positions_patch_only_the_prompt(tok):
     assert torch.equal(edited[3:], natural[3:])  # layer 0 after the prompt: the router's own choice
     assert not (natural[:3] == 1).any(-1).all()  # (the forcing changed something)
     assert not torch.allclose(got[:, :3], base[:, :3])
+    # expert neurons at prompt positions: layer 0's block output changes below 3 only
+    outs = []
+    block = model.model.layers[0].mlp
+    mask = torch.zeros(2, E * I, dtype=torch.bool)
+    mask[0, :] = True
+    with torch.no_grad():
+        h = block.register_forward_hook(lambda _m, _i, out: outs.append(out.reshape(-1, out.shape[-1])))
+        model(input_ids=ids)
+        with moe.deactivate_neurons(model, mask, positions="prompt", prompt_length=3):
+            model(input_ids=ids)
+        h.remove()
+    torch.testing.assert_close(outs[1][3:], outs[0][3:], rtol=0, atol=0)
+    assert not torch.allclose(outs[1][:3], outs[0][:3])
 
 
 def test_generated_positions_patch_only_new_tokens(tok):

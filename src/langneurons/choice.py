@@ -216,8 +216,6 @@ def read_choice_questions(source: str | Path, langs: Sequence[str] | None = None
 
     ``langs``: the languages wanted, in the codes the caller uses (a neuron map's ``de`` takes
     the records of ``deu_Latn``); each must have questions. Without it, every language found."""
-    from .langcodes import same_language
-
     text = str(source)
     if text.startswith("hf:"):
         questions = _read_hf(text, langs)
@@ -234,19 +232,26 @@ def read_choice_questions(source: str | Path, langs: Sequence[str] | None = None
     by_lang: dict[str, list[ChoiceQuestion]] = {}
     for q in questions:
         by_lang.setdefault(q.lang, []).append(q)
-    if langs:
-        chosen: dict[str, list[ChoiceQuestion]] = {}
-        for want in langs:
-            have = want if want in by_lang else next((h for h in by_lang if same_language(h, want)), None)
-            if have is None:
-                raise CorpusError(f"{source}: no multiple-choice questions for {want} (it has "
-                                  f"{', '.join(by_lang) or 'none'})")
-            chosen[want] = [ChoiceQuestion(want, q.question, q.choices, q.answer, q.passage, q.id, q.source)
-                            for q in by_lang[have]]
-        by_lang = chosen
     if not by_lang:
         raise CorpusError(f"{source}: no multiple-choice questions")
-    return {k: v[:max_per_lang] if max_per_lang else v for k, v in by_lang.items()}
+    return select_languages(by_lang, langs, source, max_per_lang=max_per_lang)
+
+
+def select_languages(by_lang: Mapping[str, Sequence[ChoiceQuestion]], langs: Sequence[str] | None, source: Any,
+                     *, max_per_lang: int | None = None) -> dict[str, list[ChoiceQuestion]]:
+    """The questions of ``langs`` (all when None), relabelled with the requested codes (``de``
+    takes the questions of ``deu_Latn``), the first ``max_per_lang`` of each."""
+    from .langcodes import same_language
+
+    chosen: dict[str, list[ChoiceQuestion]] = {}
+    for want in langs or list(by_lang):
+        have = want if want in by_lang else next((h for h in by_lang if same_language(h, want)), None)
+        if have is None:
+            raise CorpusError(f"{source}: no multiple-choice questions for {want} (it has "
+                              f"{', '.join(by_lang) or 'none'})")
+        chosen[want] = [ChoiceQuestion(want, q.question, q.choices, q.answer, q.passage, q.id, q.source)
+                        for q in by_lang[have]][:max_per_lang or None]
+    return chosen
 
 
 def questions_fingerprint(by_lang: Mapping[str, Sequence[ChoiceQuestion]]) -> dict[str, str]:
@@ -354,8 +359,8 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
     ``predictions`` (a list) receives one dict per (mask, question): the chosen letter and
     whether it is right."""
     from .arch import locate_activations
-    from .evaluate import (ablation_frame, check_control, distinct_masks, job_patch, model_max_length, plan_jobs,
-                           score_docs)
+    from .evaluate import (ablation_frame, check_control, distinct_masks, model_max_length, plan_jobs,
+                           score_docs, score_each_mask)
     from .lm import pad_id
 
     sites = locate_activations(model, act_path)
@@ -381,22 +386,9 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
         res = score_docs(model, pooled, pad_id=pad_id(tokenizer), batch_size=batch_size, scope="all")
         return {j: _split_scores(questions[j], res.doc_nll[a:b]) for j, (a, b) in spans.items()}
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    bar = tqdm(total=1 + len(unique), desc="choice accuracy", unit="pass", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    results: dict[bytes | None, dict[str, ChoiceScores]] = {}
-    try:
-        results[None] = score_all()
-        bar.update(1)
-        for key, job in unique.items():
-            with job_patch(model, job, sites=sites) as iv:
-                results[key] = score_all()
-            iv.check_fired()
-            bar.update(1)
-    finally:
-        bar.close()
+    results: dict[bytes | None, dict[str, ChoiceScores]] = score_each_mask(
+        model, unique, score_all, sites=sites, desc="choice accuracy", progress=progress)
 
     rows = []
     for job in jobs:

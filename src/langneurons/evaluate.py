@@ -347,6 +347,33 @@ def job_patch(model: nn.Module, job: _Job, *, sites: Any = None, mode: str = "ze
     return deactivate(model, job.mask, mode=mode, factor=factor, sites=sites)  # type: ignore[arg-type]
 
 
+def score_each_mask(model: nn.Module, unique: Mapping[bytes, _Job], score_all: Any, *, sites: Any = None,
+                    desc: str = "ablation", progress: bool = True, mode: str = "zero", factor: float = 0.0,
+                    after_baseline: Any = None) -> dict[bytes | None, Any]:
+    """``score_all()`` once unpatched (key None) and once under each distinct mask (`job_patch`,
+    checked to have fired), with a progress bar over the passes; ``after_baseline(result)`` runs
+    after the first pass (e.g. to say what the rest will cost)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1 + len(unique), desc=desc, unit="pass", disable=not progress, dynamic_ncols=True, leave=False)
+    out: dict[bytes | None, Any] = {}
+    try:
+        bar.set_postfix_str("baseline")
+        out[None] = score_all()
+        bar.update(1)
+        if after_baseline is not None:
+            after_baseline(out[None])
+        for key, job in unique.items():
+            bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
+            with job_patch(model, job, sites=sites, mode=mode, factor=factor) as iv:
+                out[key] = score_all()
+            iv.check_fired()
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
 def distinct_masks(jobs: Sequence[_Job]) -> dict[bytes, _Job]:
     """One job per distinct non-empty mask: an empty mask is the baseline, and identical masks
     (e.g. "specific" and "specific,related" for a language without related neurons) run once."""
@@ -496,7 +523,6 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
     jobs = plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
     unique = distinct_masks(jobs)
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
 
     # All evaluation languages are scored in ONE pass per mask: the documents are pooled so
     # batches are full (small per-language batches waste most of a CPU's matmul throughput),
@@ -519,30 +545,18 @@ def ablation_matrix(model: nn.Module, tokenizer: Any, nmap: Any, eval_corpus: Ma
                 raise CorpusError(f"evaluation language {j!r}: {exc}") from None
         return out
 
-    bar = tqdm(total=1 + len(unique), desc="ablation", unit="pass", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    results: dict[tuple[bytes | None, str], EvalResult] = {}
-    try:
-        bar.set_postfix_str("baseline")
-        t_base = time.perf_counter()
-        for j, res in score_all().items():
-            results[(None, j)] = res
-        bar.update(1)
+    t_base = time.perf_counter()
+
+    def said_cost(baseline: dict[str, EvalResult]) -> None:
         if echo is not None and unique:
-            n_tok = sum(r.n_tokens for r in results.values())
+            n_tok = sum(r.n_tokens for r in baseline.values())
             speed = n_tok / max(time.perf_counter() - t_base, 1e-9)
             echo(ablation_cost(len(unique), n_tok, speed).line().replace(" tok/s", " tok/s (measured on the "
                                                                          "baseline pass)"))
-        for key, job in unique.items():
-            bar.set_postfix_str(f"{job.neuron_set} -{job.lang}")
-            with job_patch(model, job, sites=sites, mode=mode, factor=factor) as iv:
-                scored = score_all()
-            iv.check_fired()
-            for j, res in scored.items():
-                results[(key, j)] = res
-            bar.update(1)
-    finally:
-        bar.close()
+
+    by_mask = score_each_mask(model, unique, score_all, sites=sites, desc="ablation", progress=progress, mode=mode,
+                              factor=factor, after_baseline=said_cost)
+    results = {(key, j): res for key, scored in by_mask.items() for j, res in scored.items()}
 
     rows = []
     for job in jobs:

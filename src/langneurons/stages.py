@@ -266,33 +266,27 @@ class AblationStage:
             raise LangNeuronsError(f"--langs {','.join(unknown)} not in the neuron map ({','.join(self.nmap.languages)})")
         self.langs = list(config.langs or self.nmap.languages)
         self.texts, self.problems = self._read_corpora(eval_corpus)
-        self.choices: dict[str, list[Any]] | None = None
-        if "choice_accuracy" in config.metrics:
-            from .choice import read_choice_questions
-
-            self.choices = read_choice_questions(config.choice_corpus, config.langs or  # type: ignore[arg-type]
-                                                 self._choice_langs(), max_per_lang=config.max_examples)
+        self.choices = self._read_choices() if "choice_accuracy" in config.metrics else None
         self._activity: Any = None
 
     #: the metric families of the table: each is computed, kept fresh and merged on its own
     FAMILIES = {"ppl": PPL_METRICS, "acc": ACCURACY_METRICS, "choice": CHOICE_METRICS}
 
-    def _choice_langs(self) -> list[str]:
-        """Without --langs: the map's languages that the questions have (a templated hf: spec loads
-        exactly these)."""
-        from .choice import read_choice_questions
-
-        spec = str(self.config.choice_corpus)
-        if spec.startswith("hf:"):
-            return list(self.nmap.languages)
-        have = read_choice_questions(spec)
+    def _read_choices(self) -> dict[str, list[Any]]:
+        """The multiple-choice questions of --langs, else of the map's languages that the source
+        has (a templated hf: source loads exactly the map's languages)."""
+        from .choice import read_choice_questions, select_languages
         from .langcodes import same_language
 
+        cfg, spec = self.config, str(self.config.choice_corpus)
+        if cfg.langs or spec.startswith("hf:"):
+            return read_choice_questions(spec, cfg.langs or list(self.nmap.languages), max_per_lang=cfg.max_examples)
+        have = read_choice_questions(spec)
         chosen = [x for x in self.nmap.languages if any(same_language(x, h) for h in have)]
         if not chosen:
             raise LangNeuronsError(f"{spec} has none of the neuron map's languages ({','.join(self.nmap.languages)}); "
                                    f"it has {','.join(have)}")
-        return chosen
+        return select_languages(have, chosen, spec, max_per_lang=cfg.max_examples)
 
     def corpus(self, family: str) -> dict[str, list[Any]] | None:
         return {"ppl": self.texts, "acc": self.problems, "choice": self.choices}[family]

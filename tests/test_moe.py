@@ -831,7 +831,7 @@ def test_steering_with_whole_experts(tok, tmp_path):
     from langneurons.errors import NeuronMapError
 
     dense = nmap.__class__(nmap.languages, nmap.classes, nmap.active, nmap.selected, None, {})
-    with pytest.raises(NeuronMapError, match="no expert-level identification"):
+    with pytest.raises(NeuronMapError, match="mixture-of-experts run: this neuron map has no expert-level"):
         SteerStage(run, SteerConfig(sources=["en"], targets=["zh"], methods=("experts",), prompts=1,
                                     max_new_tokens=2), loaded=loaded, nmap=dense).run_stage()
 

@@ -710,6 +710,13 @@ class SteerStage(Stage[Any]):
         self.targets = list(cfg.targets or self.langs)
         from .steer import iter_pairs
 
+        if any(m in cfg.methods for m in ("experts", "random-experts")):  # before any model is loaded
+            from .moe import experts_map
+
+            try:
+                experts_map(self.nmap)
+            except NeuronMapError as exc:
+                raise NeuronMapError(f"--methods experts needs a mixture-of-experts run: {exc}") from None
         self.pairs = list(iter_pairs(self.sources, self.targets, cfg.diagonal))
         if not self.pairs:
             raise LangNeuronsError("no (from, to) pair to steer: --from and --to name the same single language "

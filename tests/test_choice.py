@@ -51,13 +51,24 @@ def write_belebele(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+#: a tokenizer that makes " A" .. " D" one token each: the letters are scored after ONE shared
+#: context (the path real tokenizers take); the default tiny tokenizer splits them (one document
+#: per choice). Every scoring test runs on both.
+LETTER_TEXTS = ("Answer: A B C D",) * 30
+
+
+@pytest.fixture(scope="module", params=["per-choice", "shared-context"])
+def tiny(tmp_path_factory, request):
+    from langneurons.choice import _plan
+
     root = tmp_path_factory.mktemp("choice")
-    model_dir = save_tiny(root / "model")
+    model_dir = save_tiny(root / "model", extra_texts=LETTER_TEXTS if request.param == "shared-context" else ())
     loaded = load_model(model_dir, device="cpu")
     data = write_belebele(root / "belebele.jsonl")
     questions = read_choice_questions(data, ["en", "de", "zh"])
+    plan = _plan(loaded.tokenizer, [q for v in questions.values() for q in v], 1 << 20)
+    shared = request.param == "shared-context"
+    assert (len(plan.contexts), len(plan.docs) == 0) == ((7, True) if shared else (0, False))
     return {"root": root, "model_dir": model_dir, "model": loaded.model, "tok": loaded.tokenizer, "data": data,
             "questions": questions, "nmap": planted_map(2, 48, langs=("en", "de", "zh"), seed=1)}
 

@@ -24,13 +24,14 @@ SAMPLE_TEXTS = {
 }
 
 
-def make_tokenizer(vocab_size: int = 400) -> transformers.PreTrainedTokenizerFast:
+def make_tokenizer(vocab_size: int = 400, extra_texts: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the sample texts (and ``extra_texts``, e.g. to make " A" one token)."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = [t for ts in SAMPLE_TEXTS.values() for t in ts] * 3
+    texts = [t for ts in SAMPLE_TEXTS.values() for t in ts] * 3 + list(extra_texts)
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
@@ -84,8 +85,8 @@ def make_model(family: str = "llama", seed: int = 0, vocab_size: int = 400, **kw
     return model.eval()
 
 
-def save_tiny(path: Path, family: str = "llama", seed: int = 0) -> Path:
-    tok = make_tokenizer()
+def save_tiny(path: Path, family: str = "llama", seed: int = 0, extra_texts: tuple[str, ...] = ()) -> Path:
+    tok = make_tokenizer(extra_texts=extra_texts)
     model = make_model(family, seed, vocab_size=len(tok))
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -274,24 +274,94 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-def _choice_docs(tokenizer: Any, questions: Sequence[ChoiceQuestion], limit: int) -> list[Any]:
-    """One scoring document per (question, choice): context tokens then the continuation's, only
-    the continuation scored; a context too long for the model loses its start (as in lm-eval)."""
+@dataclass
+class _Plan:
+    """How the choices of ``questions`` are scored. A question whose choices are single tokens
+    after one shared context (Belebele's letters, nearly always) costs ONE forward of that context:
+    the log-probabilities of its candidate tokens at the last position, the same numbers lm-eval
+    gets from one sequence per choice. Any other question gets one scored document per choice."""
+
+    questions: list[ChoiceQuestion]
+    contexts: list[list[int]]  # the shared-context questions: context ids ...
+    candidates: list[list[int]]  # ... and the one token of each choice
+    docs: list[Any]  # evaluate.ScoredDoc per choice of the other questions
+    where: list[tuple[bool, int]]  # per question: (shared, index into contexts | first of its docs)
+
+
+def _plan(tokenizer: Any, questions: Sequence[ChoiceQuestion], limit: int) -> _Plan:
+    """A context too long for the model loses its start (as in lm-eval)."""
     from .evaluate import ScoredDoc
 
-    docs = []
+    plan = _Plan(list(questions), [], [], [], [])
     for q in questions:
-        context = q.prompt()
-        for label in q.labels:
-            ctx, cont = encode_pair(tokenizer, context, " " + label)
-            if not cont:
-                raise LangNeuronsError(f"{q.source}: choice {label!r} tokenizes to nothing after its context")
+        pairs = [encode_pair(tokenizer, q.prompt(), " " + label) for label in q.labels]
+        empty = [label for label, (_, cont) in zip(q.labels, pairs) if not cont]
+        if empty:
+            raise LangNeuronsError(f"{q.source}: choice {empty[0]!r} tokenizes to nothing after its context")
+        if all(len(cont) == 1 and ctx == pairs[0][0] for ctx, cont in pairs) and pairs[0][0]:
+            plan.where.append((True, len(plan.contexts)))
+            plan.contexts.append(pairs[0][0][-limit:])
+            plan.candidates.append([cont[0] for _, cont in pairs])
+            continue
+        plan.where.append((False, len(plan.docs)))
+        for ctx, cont in pairs:
             ids = (ctx + cont)[-limit:]
             n_ctx = len(ids) - len(cont)
             if n_ctx < 1:
                 raise LangNeuronsError(f"{q.source}: the choice alone is longer than the model's context")
-            docs.append(ScoredDoc(ids, [False] * n_ctx + [True] * len(cont), 0))
-    return docs
+            plan.docs.append(ScoredDoc(ids, [False] * n_ctx + [True] * len(cont), 0))
+    return plan
+
+
+@torch.inference_mode()
+def _next_token_logprobs(model: nn.Module, contexts: Sequence[list[int]], candidates: Sequence[list[int]], *,
+                         pad: int, batch_size: int) -> list[list[float]]:
+    """log p(candidate | context) for every context: left padded with position ids from the
+    attention mask (as `lm.generate` decodes), so every context ends in the last column and only
+    that column needs logits (``logits_to_keep=1``: the head over the whole vocabulary is most of a
+    small model's forward)."""
+    import inspect
+
+    from .lm import input_device
+
+    device = input_device(model)
+    params = inspect.signature(model.forward).parameters
+    out: list[list[float]] = [[] for _ in contexts]
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        width = max(len(contexts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - len(contexts[i]):] = torch.tensor(contexts[i])
+            att[r, width - len(contexts[i]):] = 1
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device), "use_cache": False}
+        if "position_ids" in params:
+            kwargs["position_ids"] = (att.cumsum(-1) - 1).clamp(min=0).to(device)
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = 1
+        logp = torch.log_softmax(model(**kwargs).logits[:, -1].float(), -1).cpu()
+        for r, i in enumerate(idx):
+            out[i] = logp[r, candidates[i]].double().tolist()
+    return out
+
+
+def _score_plan(model: nn.Module, plan: _Plan, *, pad: int, batch_size: int) -> ChoiceScores:
+    from .evaluate import score_docs
+
+    shared = _next_token_logprobs(model, plan.contexts, plan.candidates, pad=pad, batch_size=batch_size) \
+        if plan.contexts else []
+    doc_nll = score_docs(model, plan.docs, pad_id=pad, batch_size=batch_size, scope="all").doc_nll \
+        if plan.docs else []
+    scores = ChoiceScores([], [], [])
+    for q, (is_shared, at) in zip(plan.questions, plan.where):
+        ll = shared[at] if is_shared else [-float(x) for x in doc_nll[at:at + len(q.choices)]]
+        best = max(range(len(ll)), key=lambda i: (ll[i], -i))  # the first of equal scores
+        scores.loglik.append(ll)
+        scores.predicted.append(best)
+        scores.correct.append(best == q.answer)
+    return scores
 
 
 @dataclass
@@ -306,29 +376,19 @@ class ChoiceScores:
     def accuracy(self) -> float:
         return sum(self.correct) / max(len(self.correct), 1)
 
-
-def _split_scores(questions: Sequence[ChoiceQuestion], doc_nll: Sequence[float]) -> ChoiceScores:
-    loglik, predicted, correct, at = [], [], [], 0
-    for q in questions:
-        ll = [-float(x) for x in doc_nll[at:at + len(q.choices)]]
-        at += len(q.choices)
-        best = max(range(len(ll)), key=lambda i: (ll[i], -i))  # the first of equal scores
-        loglik.append(ll)
-        predicted.append(best)
-        correct.append(best == q.answer)
-    return ChoiceScores(loglik, predicted, correct)
+    def part(self, a: int, b: int) -> "ChoiceScores":
+        return ChoiceScores(self.loglik[a:b], self.predicted[a:b], self.correct[a:b])
 
 
 def score_choices(model: nn.Module, tokenizer: Any, questions: Sequence[ChoiceQuestion], *, batch_size: int = 8,
                   max_length: int | None = None) -> ChoiceScores:
     """Log-likelihood of every choice and the accuracy of ``questions`` (no intervention: wrap the
     call in `intervene.deactivate` for one)."""
-    from .evaluate import model_max_length, score_docs
+    from .evaluate import model_max_length
     from .lm import pad_id
 
-    docs = _choice_docs(tokenizer, questions, model_max_length(model, max_length))
-    res = score_docs(model.eval(), docs, pad_id=pad_id(tokenizer), batch_size=batch_size, scope="all")
-    return _split_scores(questions, res.doc_nll)
+    plan = _plan(tokenizer, questions, model_max_length(model, max_length))
+    return _score_plan(model.eval(), plan, pad=pad_id(tokenizer), batch_size=batch_size)
 
 
 def paired_interval(base: Sequence[bool], ablated: Sequence[bool], resamples: int, seed: int = 0
@@ -359,8 +419,7 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
     ``predictions`` (a list) receives one dict per (mask, question): the chosen letter and
     whether it is right."""
     from .arch import locate_activations
-    from .evaluate import (ablation_frame, check_control, distinct_masks, model_max_length, plan_jobs,
-                           score_docs, score_each_mask)
+    from .evaluate import ablation_frame, check_control, distinct_masks, model_max_length, plan_jobs, score_each_mask
     from .lm import pad_id
 
     sites = locate_activations(model, act_path)
@@ -371,20 +430,19 @@ def choice_accuracy_matrix(model: nn.Module, tokenizer: Any, nmap: Any,
         raise CorpusError("the multiple-choice questions are empty for " +
                           (", ".join(k for k, v in questions.items() if not v) or "every language"))
     model = model.eval()
-    limit = model_max_length(model, max_length)
     spans: dict[str, tuple[int, int]] = {}
-    pooled: list[Any] = []
-    for j, qs in questions.items():
-        docs = _choice_docs(tokenizer, qs, limit)
-        spans[j] = (len(pooled), len(pooled) + len(docs))
-        pooled += docs
+    at = 0
+    for j, qs in questions.items():  # all languages pooled into one plan: full batches
+        spans[j] = (at, at + len(qs))
+        at += len(qs)
+    plan = _plan(tokenizer, [q for qs in questions.values() for q in qs], model_max_length(model, max_length))
     match_info: list[dict] = []
     jobs = plan_jobs(nmap, langs, neuron_sets, control, control_seeds, activity, control_bins, match_info)
     unique = distinct_masks(jobs)
 
     def score_all() -> dict[str, ChoiceScores]:
-        res = score_docs(model, pooled, pad_id=pad_id(tokenizer), batch_size=batch_size, scope="all")
-        return {j: _split_scores(questions[j], res.doc_nll[a:b]) for j, (a, b) in spans.items()}
+        res = _score_plan(model, plan, pad=pad_id(tokenizer), batch_size=batch_size)
+        return {j: res.part(a, b) for j, (a, b) in spans.items()}
 
     t0 = time.perf_counter()
     results: dict[bytes | None, dict[str, ChoiceScores]] = score_each_mask(

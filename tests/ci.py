@@ -21,3 +21,17 @@ def skip_or_fail(reason: str) -> None:
     if on_ci():
         pytest.fail(f"{reason} (CI=true: this check must run on CI, so a skip is a failure)", pytrace=False)
     pytest.skip(reason)
+
+
+def require_module(name: str, reason: str | None = None):
+    """``pytest.importorskip(name)``, failing instead of skipping under CI=true: every optional
+    package the tests use is in the ``[test]`` extra that CI installs."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        why = reason or f"needs the {name} package"
+        if on_ci():
+            pytest.fail(f"{why} (CI=true: this check must run on CI, so a skip is a failure)", pytrace=False)
+        pytest.skip(why, allow_module_level=True)  # also at a module's top (test_lm_eval.py)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from ci import require_module
 import torch
 
 from helpers import cli_error, write_sample_corpus
@@ -121,7 +123,7 @@ def test_missing_language_is_named(tiny):
 
 
 def test_hf_dataset_directory(tiny, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     ds = datasets.Dataset.from_list(belebele_rows())
     ds.save_to_disk(str(tmp_path / "bb"))
     qs = read_choice_questions(f"hf:{tmp_path / 'bb'}", ["zh", "en"])
@@ -161,7 +163,7 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole(tiny):
 
 
 def test_same_log_likelihoods_as_lm_eval_with_and_without_deactivation(tiny, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
+    lm_eval = require_module("lm_eval")
     import datasets
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

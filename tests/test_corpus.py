@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from ci import require_module
+
 from langneurons.corpus import ColumnMap, Example, load_corpus
 from langneurons.errors import CorpusError
 
@@ -60,7 +62,7 @@ def test_empty_language_file(tmp_path):
 
 
 def test_hf_dataset_on_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     ds = datasets.Dataset.from_dict({"language": ["en", "de", "en"], "content": ["a b", "c d", "e f"]})
     ds.save_to_disk(str(tmp_path / "ds"))
     c = load_corpus(tmp_path / "ds", columns=ColumnMap(lang="language", text="content"))

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ci import require_module
 import torch
 
 from langneurons.config import ModelConfig
@@ -119,7 +121,7 @@ def test_parquet_rows(tmp_path) -> None:
 
 
 def test_lm_eval_steer_file_drives_lm_evals_steered_model(tmp_path) -> None:
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     from lm_eval.models.hf_steered import SteeredModel
 
     model_dir, run, nmap = _run(tmp_path, "llama")

